@@ -1,0 +1,5 @@
+import sys
+
+from vptune.cli import main
+
+sys.exit(main())

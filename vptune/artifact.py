@@ -1,0 +1,149 @@
+"""Task artifacts: a folder with ``task.json`` and ``weights.safetensors`` (peft's save format).
+
+``weights.safetensors`` holds only the trained tensors (prompts and head for VPT: ~4 bytes per trained
+parameter); ``task.json`` holds what a deployment needs to rebuild the task on a shared backbone: the
+method and its options, classes, preprocessing, and the backbone's identity (architecture, config and
+sha256 of its pretrained weights), stamped with the format and library versions. Loading on another
+backbone is refused with a message naming both. Writes are atomic (temp file, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from vptune.backbones.base import Backbone, Preprocessing
+from vptune.errors import VptuneError
+
+FORMAT = "vptune-task"
+FORMAT_VERSION = 1
+TASK_JSON = "task.json"
+WEIGHTS = "weights.safetensors"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees either the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def task_metadata(model: Any, training: dict[str, Any] | None = None) -> dict[str, Any]:
+    from vptune import __version__
+
+    state = model.trained_state_dict()
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vptune_version": __version__,
+        "method": model.method_name,
+        "options": model.method.option_dict(),
+        "num_classes": model.num_classes,
+        "label_names": model.label_names,
+        "backbone": model.backbone.identity(),
+        "preprocessing": model.preprocessing.to_dict(),
+        "trained_parameters": model.num_trainable_parameters(),
+        "stored_tensors": sorted(state),
+        "training": training or {},
+    }
+
+
+def save_task(model: Any, directory: str | Path, training: dict[str, Any] | None = None) -> Path:
+    """Write ``task.json`` and ``weights.safetensors`` (trained tensors only) into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous().cpu() for k, v in model.trained_state_dict().items()}
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        tmp_file = Path(tmp) / WEIGHTS
+        save_file(state, str(tmp_file), metadata={"format": FORMAT, "method": model.method_name})
+        atomic_write_bytes(directory / WEIGHTS, tmp_file.read_bytes())
+    atomic_write_json(directory / TASK_JSON, task_metadata(model, training))
+    return directory
+
+
+def read_task_json(directory: str | Path) -> dict[str, Any]:
+    """Parse and check ``task.json``; a missing or corrupt file gets one clear VptuneError."""
+    path = Path(directory) / TASK_JSON
+    if not Path(directory).is_dir():
+        raise VptuneError(f"task folder {directory} does not exist")
+    if not path.is_file():
+        raise VptuneError(f"{directory} is not a vptune task folder: {TASK_JSON} is missing")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise VptuneError(f"{path} is corrupt: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise VptuneError(f"{path} is not a vptune task file (format {FORMAT!r} expected)")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise VptuneError(f"{path} has format version {meta['format_version']}; this vptune reads up to "
+                          f"{FORMAT_VERSION}: upgrade vptune")
+    return meta
+
+
+def verify_backbone(meta: dict[str, Any], backbone: Backbone, where: str) -> None:
+    """Refuse a backbone other than the one the task was trained on, naming both."""
+    want, have = meta.get("backbone", {}), backbone.identity()
+    same_arch = want.get("arch") == have["arch"] and want.get("config") == have["config"]
+    if not same_arch or want.get("sha256") != have["sha256"]:
+        raise VptuneError(
+            f"task {where} was trained on backbone {_describe(want)}, but the given backbone is "
+            f"{_describe(have)}; load the task with the backbone it was trained on")
+
+
+def _describe(identity: dict[str, Any]) -> str:
+    cfg = identity.get("config", {})
+    dims = "x".join(str(cfg.get(k)) for k in ("embed_dim", "depth") if k in cfg)
+    return f"{identity.get('arch', '?')} {dims} (weights sha256 {str(identity.get('sha256', '?'))[:12]})"
+
+
+def read_weights(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise VptuneError(f"{directory} is not a complete task folder: {WEIGHTS} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise VptuneError(f"{path} is corrupt or not a safetensors file: {e}") from None
+
+
+def load_task(directory: str | Path, backbone: Backbone, *, check_backbone: bool = True) -> Any:
+    """Rebuild a :class:`~vptune.model.TunedModel` from a task folder on ``backbone``."""
+    from vptune.model import create_model
+
+    meta = read_task_json(directory)
+    if check_backbone:
+        verify_backbone(meta, backbone, str(directory))
+    model = create_model(backbone, meta["method"], int(meta["num_classes"]),
+                         label_names=meta.get("label_names"), **meta.get("options", {}))
+    state = read_weights(directory)
+    expected = model.trained_state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise VptuneError(f"{directory}/{WEIGHTS} does not match its task.json: missing {missing[:10]}, "
+                          f"unexpected {unexpected[:10]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise VptuneError(f"{directory}/{WEIGHTS}: {name} has shape {tuple(tensor.shape)}, "
+                              f"expected {tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=False)
+    if "preprocessing" in meta:
+        model.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+    return model

@@ -1,0 +1,60 @@
+"""The ``vptune`` command line: parse, then call the library.
+
+Each command group lives in its own small module here (``data``, ``train`` ...), exposing
+``register(subparsers)`` that adds its parsers and sets ``func`` to a handler taking the parsed args.
+A :class:`~vptune.errors.VptuneError` (or a missing file) is printed as one line and exits with 2;
+a user error never shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from vptune.errors import VptuneError
+
+# Command modules, in the order they appear in --help. A module that is absent is skipped.
+COMMAND_MODULES = ("data", "train", "sweep", "serve", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vptune import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="vptune", description="Visual Prompt Tuning (Jia et al., ECCV 2022) for frozen vision backbones."
+    )
+    parser.add_argument("--version", action="version", version=f"vptune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"vptune.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"vptune.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except VptuneError as e:
+        print(f"vptune: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"vptune: error: no such file or folder: {e.filename or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vptune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

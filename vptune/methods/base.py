@@ -1,0 +1,173 @@
+"""The method protocol, its registry and trainability as data.
+
+A method (peft-style, one file each) declares:
+- ``trainable_patterns(backbone)``: anchored regular expressions over the parameter names of the
+  :class:`~vptune.model.TunedModel` (``backbone.*``, ``method.*``, ``head.*``) that train. The head always
+  trains. :func:`set_trainable` is the one place that sets ``requires_grad``; it raises on a pattern
+  that matches nothing (big_vision's trainability-as-data).
+- ``block_prompts(i, batch)``: the prompts block ``i`` receives (or None), and
+  ``block_adapter(i)``: an optional FFN adapter module for block ``i``. The backbone alone decides
+  where those go; methods never slice token sequences.
+- ``build_head(in_dim, num_classes)``: the classifier (linear by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from vptune.backbones.base import Backbone, Tokens
+from vptune.errors import VptuneError
+
+METHODS: dict[str, type["Method"]] = {}
+_SUFFIXED = re.compile(r"^(?P<base>[a-z]+)-(?P<k>\d+)$")
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """Methods without options."""
+
+
+class Method(nn.Module):
+    """Base class: the plain frozen backbone with a linear head, nothing else trained."""
+
+    name: ClassVar[str] = ""
+    options_cls: ClassVar[type] = NoOptions
+    suffix_option: ClassVar[str | None] = None  # "k" for partial-k and mlp-k
+    changes_backbone: ClassVar[bool] = False  # trains backbone tensors: the model owns a copy
+    optimizer: ClassVar[str] = "sgd"  # the paper's optimiser for this method (Sec. 4.1)
+    location: str = "prepend"
+
+    def __init__(self, backbone: Backbone, options: Any) -> None:
+        super().__init__()
+        self.options = options
+        self.pool_mode: str | None = None
+
+    # --- what trains -----------------------------------------------------------------------------
+    def trainable_patterns(self, backbone: Backbone) -> list[str]:
+        return []
+
+    # --- what the backbone receives --------------------------------------------------------------
+    def block_prompts(self, i: int, batch: int) -> Tensor | None:
+        return None
+
+    def block_adapter(self, i: int) -> nn.Module | None:
+        return None
+
+    def build_head(self, in_dim: int, num_classes: int) -> nn.Module:
+        return linear_head(in_dim, num_classes)
+
+    def features(self, backbone: Backbone, images: Tensor, checkpointing: bool = False) -> Tensor:
+        """embed -> run_block(i, tokens, prompts_i) for every block -> pool: (B, num_features)."""
+        tokens = backbone.embed(images)
+        for i in range(backbone.num_blocks):
+            prompts, adapter = self.block_prompts(i, images.shape[0]), self.block_adapter(i)
+            tokens = _run_block(backbone, i, tokens, prompts, self.location, adapter, checkpointing)
+        return backbone.pool(tokens, self.pool_mode)
+
+    def option_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.options)
+
+
+def _run_block(backbone: Backbone, i: int, tokens: Tokens, prompts: Tensor | None, location: str,
+               adapter: nn.Module | None, checkpointing: bool) -> Tokens:
+    if not checkpointing:
+        return backbone.run_block(i, tokens, prompts, location=location, ffn_adapter=adapter)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(backbone.run_block, i, tokens, prompts, location=location, ffn_adapter=adapter,
+                      use_reentrant=False)
+
+
+def linear_head(in_dim: int, num_classes: int) -> nn.Linear:
+    """Linear head as in the VPT reference code: kaiming-normal weight and the focal-loss prior bias
+    -log((1 - 0.01) / 0.01) (a constant shift, so it leaves the softmax loss unchanged)."""
+    head = nn.Linear(in_dim, num_classes)
+    nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
+    nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
+    return head
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by ``cls.name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    return sorted(f"{n}-{cls.suffix_option}" if cls.suffix_option else n for n, cls in METHODS.items())
+
+
+def parse_method_name(name: str) -> tuple[type[Method], dict[str, Any]]:
+    """``"partial-2"`` -> (Partial, {"k": 2}); plain names map to themselves."""
+    if name in METHODS and not METHODS[name].suffix_option:
+        return METHODS[name], {}
+    m = _SUFFIXED.match(name)
+    if m and m["base"] in METHODS and METHODS[m["base"]].suffix_option:
+        cls = METHODS[m["base"]]
+        return cls, {cls.suffix_option: int(m["k"])}
+    if name in METHODS:  # "partial" with k given as an option
+        return METHODS[name], {}
+    raise VptuneError(f"unknown method {name!r}; valid choices: {', '.join(list_methods())}")
+
+
+def parse_options(cls: type[Method], options: dict[str, Any]) -> Any:
+    """Build ``cls.options_cls`` from keyword options, refusing unknown keys with the valid ones."""
+    fields = {f.name: f for f in dataclasses.fields(cls.options_cls)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        valid = ", ".join(sorted(fields)) or "(none)"
+        raise VptuneError(f"method {cls.name!r} has no option(s) {unknown}; valid options: {valid}")
+    try:
+        opts = cls.options_cls(**options)
+    except TypeError as e:
+        raise VptuneError(f"bad options for method {cls.name!r}: {e}") from None
+    validate = getattr(opts, "validate", None)
+    if validate:
+        validate()
+    return opts
+
+
+def build_method(name: str, backbone: Backbone, **options: Any) -> Method:
+    """Instantiate a registered method on ``backbone`` with validated options."""
+    cls, implied = parse_method_name(name)
+    for key, value in implied.items():
+        if key in options and options[key] != value:
+            raise VptuneError(f"method {name!r} implies {key}={value}, but options give {key}={options[key]}")
+    return cls(backbone, parse_options(cls, {**options, **implied}))
+
+
+def set_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Set ``requires_grad`` from anchored patterns; returns the names that train.
+
+    Every pattern must start with ``^`` and match at least one parameter name, else VptuneError.
+    """
+    compiled = []
+    for p in patterns:
+        if not p.startswith("^"):
+            raise VptuneError(f"trainable pattern {p!r} must be anchored with '^'")
+        compiled.append(re.compile(p))
+    hits = [0] * len(compiled)
+    trained = []
+    for name, param in model.named_parameters():
+        matched = [j for j, c in enumerate(compiled) if c.match(name)]
+        for j in matched:
+            hits[j] += 1
+        param.requires_grad_(bool(matched))
+        if matched:
+            trained.append(name)
+    missing = [p for p, n in zip(patterns, hits) if n == 0]
+    if missing:
+        raise VptuneError(f"trainable pattern(s) {missing} match no parameter of the model")
+    return trained
+
+
+def prefix_pattern(prefix: str) -> str:
+    """Anchored pattern for every parameter under ``prefix`` (a dotted module path ending in '.')."""
+    return "^" + re.escape(prefix)

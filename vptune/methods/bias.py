@@ -1,0 +1,16 @@
+"""Bias tuning (BitFit, Ben Zaken et al. 2022): every bias of the backbone trains (the paper's 'Bias')."""
+
+from __future__ import annotations
+
+from vptune.backbones.base import Backbone
+from vptune.methods.base import Method, register
+
+
+@register
+class Bias(Method):
+    name = "bias"
+    changes_backbone = True
+    optimizer = "adamw"
+
+    def trainable_patterns(self, backbone: Backbone) -> list[str]:
+        return [r"^backbone\.(.*\.)?bias$"]

@@ -1,0 +1,133 @@
+"""Visual Prompt Tuning (Jia et al., ECCV 2022): VPT-shallow and VPT-deep.
+
+Only the prompts (and the head) train. Shallow (Eq. 1-3): p prompts enter block 0 and flow on. Deep
+(Eq. 4-6): before every block i the prompt slots are replaced by that block's own p prompts, N*p*d
+parameters in all. Prompt values start uniform in +-sqrt(6 / (3 * patch_h * patch_w + prompt_dim))
+(the reference code's Xavier-style rule); dropout applies to the prompts each time they are inserted
+(the paper uses 0.1 for deep).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vptune.backbones.base import Backbone
+from vptune.errors import VptuneError, check_choice
+from vptune.methods.base import Method, register
+
+INITS = ("uniform", "normal", "zeros")
+LOCATIONS = ("prepend", "add")
+
+
+@dataclass
+class VPTOptions:
+    """num_tokens: prompt length p (ignored for location='add', which needs one prompt per patch).
+    dropout: dropout on the prompt vectors. init: 'uniform' (paper), 'normal' (std 0.02) or 'zeros'.
+    project_dim: > 0 keeps prompts in that smaller space, mapped to the token width by one shared
+        Linear (kaiming normal, fan_out), as the reference code's ``PROJECT``.
+    deep_layers: deep only; k > 0 puts prompts in the first k blocks, k < 0 in the last |k| blocks,
+        0 in all (the paper's depth ablation, Fig. 7).
+    location: 'prepend' ([CLS, P, patches]) or 'add' (added to the patch tokens, Sec. 4.4).
+    pool: the head's input: 'cls', 'image_mean' or 'prompt_mean' (None: the backbone's default)."""
+
+    num_tokens: int = 10
+    dropout: float = 0.0
+    init: str = "uniform"
+    project_dim: int = 0
+    deep_layers: int = 0
+    location: str = "prepend"
+    pool: str | None = None
+
+    def validate(self) -> None:
+        check_choice("prompt init", self.init, INITS)
+        check_choice("prompt location", self.location, LOCATIONS)
+        if self.num_tokens < 0:
+            raise VptuneError(f"num_tokens must be >= 0 (0: no prompts), got {self.num_tokens}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise VptuneError(f"prompt dropout must be in [0, 1), got {self.dropout}")
+        if self.project_dim < 0:
+            raise VptuneError(f"project_dim must be >= 0 (0: no projection), got {self.project_dim}")
+
+
+class _VPT(Method):
+    options_cls = VPTOptions
+    optimizer = "sgd"
+    deep: bool = False
+
+    def __init__(self, backbone: Backbone, options: VPTOptions) -> None:
+        super().__init__(backbone, options)
+        infos = backbone.block_infos()
+        self.location = options.location
+        if options.pool is not None:
+            check_choice("pool mode", options.pool, backbone.pool_modes)
+        self.pool_mode = options.pool
+        self.blocks = self._prompted_blocks(len(infos))
+        p = backbone.num_patches() if options.location == "add" else options.num_tokens
+        ph, pw = backbone.patch_size
+        dims = {i: infos[i].dim for i in self.blocks}
+        self.prompts = nn.ParameterList(self._init_prompts(p, options.project_dim or dims[i], ph * pw)
+                                        for i in self.blocks)
+        self.slot = {i: j for j, i in enumerate(self.blocks)}  # block index -> position in self.prompts
+        self.project = nn.ModuleDict()
+        if options.project_dim:
+            for d in sorted(set(dims.values())):
+                proj = nn.Linear(options.project_dim, d)
+                nn.init.kaiming_normal_(proj.weight, a=0, mode="fan_out")
+                nn.init.zeros_(proj.bias)
+                self.project[str(d)] = proj
+        self.dims = dims
+        self.dropout = nn.Dropout(options.dropout)
+
+    def _prompted_blocks(self, n: int) -> list[int]:
+        if self.options.num_tokens == 0 and self.options.location == "prepend":
+            return []  # no prompts at all: exactly the plain backbone
+        if not self.deep:
+            return [0]
+        k = self.options.deep_layers
+        if abs(k) > n:
+            raise VptuneError(f"deep_layers={k} exceeds the backbone's {n} blocks")
+        return list(range(n)) if k == 0 else list(range(k)) if k > 0 else list(range(n + k, n))
+
+    def _init_prompts(self, p: int, dim: int, patch_area: int) -> nn.Parameter:
+        t = torch.empty(p, dim)
+        if self.options.init == "uniform":
+            v = math.sqrt(6.0 / float(3 * patch_area + dim))
+            nn.init.uniform_(t, -v, v)
+        elif self.options.init == "normal":
+            nn.init.normal_(t, std=0.02)
+        else:
+            nn.init.zeros_(t)
+        return nn.Parameter(t)
+
+    def trainable_patterns(self, backbone: Backbone) -> list[str]:
+        pats = [r"^method\.prompts\."]
+        return pats + ([r"^method\.project\."] if self.options.project_dim else [])
+
+    def block_prompts(self, i: int, batch: int) -> Tensor | None:
+        j = self.slot.get(i)
+        if j is None:
+            return None
+        prompts = self.prompts[j]  # (p, d) or (p, project_dim)
+        if self.options.project_dim:
+            prompts = self.project[str(self.dims[i])](prompts)
+        return self.dropout(prompts)  # (p, d)
+
+
+@register
+class VPTShallow(_VPT):
+    """VPT-shallow: p prompts before block 0 only (p*d prompt parameters)."""
+
+    name = "vpt-shallow"
+    deep = False
+
+
+@register
+class VPTDeep(_VPT):
+    """VPT-deep: each block's own p prompts replace the previous ones (N*p*d prompt parameters)."""
+
+    name = "vpt-deep"
+    deep = True

@@ -104,7 +104,7 @@ class _VPT(Method):
         return nn.Parameter(t)
 
     def trainable_patterns(self, backbone: Backbone) -> list[str]:
-        pats = [r"^method\.prompts\."]
+        pats = [r"^method\.prompts\."] if self.blocks else []
         return pats + ([r"^method\.project\."] if self.options.project_dim else [])
 
     def block_prompts(self, i: int, batch: int) -> Tensor | None:

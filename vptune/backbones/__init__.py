@@ -1,0 +1,99 @@
+"""Backbones: our own ViT (and Swin) with timm parameter names, and their pretrained-weight loaders."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from vptune.backbones import vit  # noqa: F401  (registers the ViT family)
+from vptune.backbones import swin, convert_swin  # noqa: F401
+from vptune.backbones import convert  # noqa: F401  (registers the ViT checkpoint converters)
+from vptune.backbones.base import Backbone, BlockInfo, Preprocessing, Tokens
+from vptune.backbones.checkpoint import (
+    LoadReport,
+    config_from_folder,
+    detect_source,
+    family_for,
+    load_weights,
+    read_state_dict,
+)
+from vptune.backbones.registry import list_backbones, resolve
+from vptune.errors import VptuneError
+
+logger = logging.getLogger("vptune")
+
+__all__ = [
+    "Backbone", "BlockInfo", "LoadReport", "Preprocessing", "Tokens", "config_from_folder", "create_backbone",
+    "detect_source", "list_backbones", "load_weights", "read_state_dict",
+]
+
+
+def create_backbone(name: str | None = None, weights: str | Path | None = None, *, source: str = "auto",
+                    input_size: int | None = None, strict: bool = True, **config_overrides: Any) -> Backbone:
+    """Build a backbone by registered ``name`` (see :func:`list_backbones`) and optionally load ``weights``.
+
+    ``weights``: a checkpoint file or a folder (``model.safetensors`` / ``pytorch_model.bin``); a folder
+    with a ``config.json`` (timm-style or Hugging Face) needs no ``name`` -- when both are given, ``name``
+    wins. ``source``: the checkpoint layout (``auto``, ``timm``, ``jax``, ``hf``, ``mae``, ``mocov3``, ...).
+    ``input_size``: the image side the backbone will see (``preprocessing.input_size``); position
+    embeddings are interpolated to it at run time. ``config_overrides``: config fields (e.g.
+    ``depth=2``); unknown keys raise :class:`VptuneError` listing the valid ones. The
+    :class:`LoadReport` is logged (logger ``vptune``) and attached as ``backbone.load_report``.
+    """
+    family, config, interpolation = _family_and_config(name, weights)
+    config = _apply_overrides(config, config_overrides)
+    backbone: Backbone = family.cls(config)
+    if input_size is not None:
+        ps = backbone.patch_size[0]
+        if not isinstance(input_size, int) or input_size <= 0 or input_size % ps:
+            raise VptuneError(f"input_size must be a positive multiple of the patch size {ps}, "
+                              f"got {input_size!r}")
+        backbone.preprocessing.input_size = input_size
+    if interpolation in ("bilinear", "bicubic"):
+        backbone.preprocessing.interpolation = interpolation
+    backbone.load_report = None
+    if weights is not None:
+        report = load_weights(backbone, weights, source=source, strict=strict)
+        logger.info("%s", report)
+        backbone.load_report = report
+    return backbone
+
+
+def _family_and_config(name: str | None, weights: str | Path | None) -> tuple[Any, Any, str | None]:
+    folder = Path(weights) if weights is not None and Path(weights).is_dir() else None
+    has_config = folder is not None and (folder / "config.json").is_file()
+    interpolation = None
+    if has_config:
+        raw = config_from_folder(folder)
+        interpolation = _read_interpolation(folder)
+    if name is not None:
+        family, config = resolve(name)
+    elif has_config:
+        family, config = family_for(raw[0]), raw[1]
+    else:
+        raise VptuneError("give a backbone name or a weights folder with a config.json; "
+                          f"valid names: {', '.join(list_backbones())}")
+    return family, config, interpolation
+
+
+def _read_interpolation(folder: Path) -> str | None:
+    import json
+
+    try:
+        value = json.loads((folder / "config.json").read_text()).get("interpolation")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+    if not overrides:
+        return config
+    valid = sorted(f.name for f in dataclasses.fields(config))
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise VptuneError(f"unknown config keys {unknown}; valid keys: {', '.join(valid)}")
+    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return dataclasses.replace(config, **fixed)

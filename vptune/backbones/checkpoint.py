@@ -366,6 +366,9 @@ def _choose_source(sd: StateDict, source: str, backbone: nn.Module) -> str:
         found = detect_source(sd, backbone)
         logger.info("checkpoint layout detected: %r", found)
         return found
+    family_source = f"{source}-{backbone.arch}"  # "timm"/"hf" name the family's layout (e.g. timm-swin)
+    if source in CONVERTERS and CONVERTERS[source].arch != backbone.arch and family_source in CONVERTERS:
+        source = family_source
     if source not in CONVERTERS:
         raise VptuneError(f"unknown checkpoint source {source!r}; "
                           f"valid choices: auto, {', '.join(sorted(CONVERTERS))}")

@@ -1,0 +1,207 @@
+"""``vptune train | eval | predict | info``: thin wrappers over :mod:`vptune.engine`.
+
+    vptune train --config configs/vpt_deep_vtab.yaml --data vtab-1k/dtd --weights vit_b16.npz \\
+        --backbone vit_base_patch16_224 --set optim.base_lr=0.5 --set method.options.num_tokens=50
+    vptune eval runs/dtd/task --data vtab-1k/dtd --split test --json metrics.json
+    vptune predict runs/dtd/task image1.jpg image2.jpg --top-k 3
+    vptune info runs/dtd
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+# plain flag -> dotted config key
+TRAIN_FLAGS = {
+    "backbone": "backbone.name", "weights": "backbone.weights", "method": "method.name", "data": "data.root",
+    "epochs": "optim.epochs", "batch_size": "optim.batch_size", "lr": "optim.base_lr",
+    "wd": "optim.weight_decay",
+    "output": "output", "seed": "runtime.seed", "device": "runtime.device",
+}
+
+
+def register(sub: Any) -> None:
+    _register_train(sub)
+    _register_eval(sub)
+    _register_predict(sub)
+    _register_info(sub)
+
+
+def _register_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a task (a YAML config plus overrides)",
+                       description="Train one task. Settings come from --config (YAML), then the plain "
+                                   "flags, then --set KEY=VALUE overrides (dotted keys, e.g. "
+                                   "optim.base_lr=0.5, method.options.num_tokens=50, "
+                                   "backbone.config.depth=2).")
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable); values are parsed as YAML scalars")
+    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, same as --set method.options.KEY=VALUE (repeatable)")
+    p.add_argument("--backbone", help="registered backbone name (backbone.name)")
+    p.add_argument("--weights", help="backbone checkpoint file or folder (backbone.weights)")
+    p.add_argument("--method", help="method name, e.g. vpt-deep, linear, partial-1 (method.name)")
+    p.add_argument("--data", help="dataset folder (data.root)")
+    p.add_argument("--epochs", type=int, help="optim.epochs")
+    p.add_argument("--batch-size", type=int, help="optim.batch_size")
+    p.add_argument("--lr", type=float, help="base lr for batch size 256 (optim.base_lr; lr = base_lr*bs/256)")
+    p.add_argument("--wd", type=float, help="weight decay (optim.weight_decay)")
+    p.add_argument("--output", help="run folder (output)")
+    p.add_argument("--seed", type=int, help="runtime.seed")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (runtime.device)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in --output and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (runtime.progress=false)")
+    p.add_argument("--json", metavar="OUT", help="also write the run summary to this JSON file")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_backbone_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights",
+                   help="backbone weights file or folder (default: the path recorded at training)")
+    p.add_argument("--backbone", help="backbone name (default: the architecture recorded in task.json)")
+    p.add_argument("--source",
+                   help="checkpoint layout: auto, timm, jax, hf, mae, mocov3 (default: as trained)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+
+
+def _register_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="evaluate a task on a dataset split",
+                       description="Top-1, top-5, per-class accuracy and a confusion matrix of a task "
+                                   "(a task folder or a finished run folder) on one split.")
+    p.add_argument("task", help="task folder (task.json + weights.safetensors) or run folder")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--split", default="test", help="split name (default: test)")
+    p.add_argument("--format", default="auto", help="data format (default: auto)")
+    p.add_argument("--protocol", help="transform protocol vtab|fgvc (default: as trained)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--precision", default="fp32", help="fp32, bf16, fp16")
+    p.add_argument("--json", metavar="OUT", help="write the metrics to this JSON file")
+    _add_backbone_args(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def _register_predict(sub: Any) -> None:
+    p = sub.add_parser("predict", help="top-k labels for image files",
+                       description="Classify image files with a task; prints the top-k labels and "
+                                   "probabilities.")
+    p.add_argument("task", help="task folder or run folder")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--protocol", help="transform protocol vtab|fgvc (default: as trained)")
+    p.add_argument("--json", metavar="OUT", help="write the predictions to this JSON file")
+    _add_backbone_args(p)
+    p.set_defaults(func=cmd_predict)
+
+
+def _register_info(sub: Any) -> None:
+    p = sub.add_parser("info", help="what a task folder, run folder or checkpoint holds",
+                       description="Method, options, classes, trained parameters, stored bytes and backbone "
+                                   "identity of a task; for a run folder also its status.")
+    p.add_argument("path", help="task folder, run folder or checkpoint.pt")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+
+# ------------------------------------------------------------------------------------------ handlers
+
+def _setup_logging() -> None:
+    log = logging.getLogger("vptune")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+
+
+def train_overrides(args: argparse.Namespace) -> list[str]:
+    """The config overrides the command line asks for, in order: plain flags, --option, --set."""
+    out = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in TRAIN_FLAGS.items()
+           if getattr(args, flag) is not None]
+    if args.no_progress:
+        out.append("runtime.progress=false")
+    out += [f"method.options.{item}" for item in args.options]
+    return out + list(args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vptune.engine import load_config, run_training
+
+    cfg = load_config(args.config, train_overrides(args))
+    _setup_logging()
+    summary = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
+    if args.json:
+        from vptune.artifact import atomic_write_json
+
+        atomic_write_json(Path(args.json), summary)
+    for split in ("val", "test"):
+        if summary.get(split):
+            print(f"{split} top-1: {summary[split]['top1']:.2f}%  top-5: {summary[split]['top5']:.2f}%")
+    print(f"{summary['status']}: {summary['epochs']} epochs, {summary['trainable_parameters']:,} trained "
+          f"parameters, task saved to {Path(cfg.output) / 'task'}")
+    return 0
+
+
+def _load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    from vptune.artifact import read_task_json
+    from vptune.engine.tasks import load_task_model, resolve_task_dir
+
+    task = resolve_task_dir(args.task)
+    meta = read_task_json(task)
+    model = load_task_model(task, weights=args.weights, backbone_name=args.backbone, source=args.source)
+    return model, meta
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vptune.engine.tasks import evaluate_task, task_protocol
+
+    model, meta = _load_model(args)
+    metrics = evaluate_task(model, args.data, args.split, data_format=args.format,
+                            protocol=args.protocol or task_protocol(meta), batch_size=args.batch_size,
+                            num_workers=args.num_workers, device=args.device, precision=args.precision)
+    print(f"{args.split}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+          f"loss {metrics['loss']:.4f}  ({metrics['n']} images)")
+    for name, acc in zip(model.label_names, metrics["per_class"]):
+        if acc is not None:
+            print(f"  {name}: {acc:.2f}%")
+    if args.json:
+        from vptune.artifact import atomic_write_json
+
+        atomic_write_json(Path(args.json), {"task": str(args.task), "data": args.data, "split": args.split,
+                                            "method": meta.get("method"), "label_names": model.label_names,
+                                            **metrics})
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from vptune.engine.tasks import predict_files, task_protocol
+    from vptune.errors import VptuneError
+
+    if args.top_k < 1:
+        raise VptuneError(f"--top-k must be >= 1, got {args.top_k}")
+    model, meta = _load_model(args)
+    results = predict_files(model, args.images, k=args.top_k, protocol=args.protocol or task_protocol(meta),
+                            device=args.device)
+    for r in results:
+        tops = ", ".join(f"{t['label']} ({100 * t['prob']:.1f}%)" for t in r["top"])
+        print(f"{r['path']}: {tops}")
+    if args.json:
+        from vptune.artifact import atomic_write_json
+
+        atomic_write_json(Path(args.json), results)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from vptune.engine.tasks import describe, format_info
+
+    info = describe(args.path)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0

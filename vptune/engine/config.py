@@ -1,0 +1,315 @@
+"""Training configuration: nested dataclasses, loadable from YAML, with dotted overrides.
+
+    cfg = load_config("configs/vpt_deep_vtab.yaml", ["optim.base_lr=0.5", "method.options.num_tokens=50"])
+
+Every key is checked: an unknown key at any level raises :class:`VptuneError` listing the valid keys,
+and every value is converted to its field's type (``"1e-4"`` -> float, ``"null"`` -> None) or refused.
+Free-form mappings (``method.options``, ``backbone.config``) take any key; the method and the backbone
+validate those themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vptune.errors import VptuneError, check_choice
+
+OPTIMIZERS = ("auto", "sgd", "adamw")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class BackboneCfg:
+    """name: a registered backbone (``vptune.list_backbones()``); weights: checkpoint file or folder;
+    source: checkpoint layout (auto, timm, jax, hf, mae, mocov3, ...); input_size: image side;
+    config: backbone config overrides (e.g. ``{depth: 2}``) passed to ``create_backbone``."""
+
+    name: str | None = None
+    weights: str | None = None
+    source: str = "auto"
+    input_size: int | None = None
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class MethodCfg:
+    """name: a method (``vptune.list_methods()``); options: that method's options."""
+
+    name: str = "vpt-deep"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataCfg:
+    """Splits: VTAB-1k names (train800, val200, train800val200, test) or the format's own names.
+    val_split: None = no validation (the final VTAB protocol trains on train800val200)."""
+
+    root: str = ""
+    format: str = "auto"
+    protocol: str = "vtab"
+    train_split: str = "train800val200"
+    val_split: str | None = None
+    test_split: str | None = "test"
+    num_workers: int = 2
+    fraction: float = 1.0
+    skip_corrupt: bool = False
+
+
+@dataclass
+class OptimCfg:
+    """optimizer: auto = the method's (paper: SGD for linear/mlp/sidetune/vpt, AdamW for
+    full/partial/bias/adapter). lr = base_lr * batch_size / 256. Linear warmup from
+    lr * warmup_start_factor (never 0), then cosine to min_lr, stepped every iteration."""
+
+    optimizer: str = "auto"
+    base_lr: float = 0.25
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    batch_size: int = 64
+    epochs: int = 100
+    warmup_epochs: int = 10
+    warmup_start_factor: float = 0.01
+    min_lr: float = 0.0
+    grad_clip: float | None = None
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class RuntimeCfg:
+    """precision: fp32 | bf16 | fp16 (autocast on GPU; bf16 also on CPU). eval_every: validate every
+    N epochs (0: only at the end). max_steps: stop after this many steps (debugging)."""
+
+    device: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    eval_every: int = 1
+    progress: bool = True
+    max_steps: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    backbone: BackboneCfg = field(default_factory=BackboneCfg)
+    method: MethodCfg = field(default_factory=MethodCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    runtime: RuntimeCfg = field(default_factory=RuntimeCfg)
+    output: str = "runs/default"
+
+
+# Keys that never change what a run computes: ignored when comparing a run folder's config.
+COSMETIC_KEYS = ("output", "runtime.progress", "data.num_workers")
+
+_HINTS = {"optim.lr": "optim.base_lr (the lr for batch size 256; lr = base_lr * batch_size / 256)",
+          "optim.wd": "optim.weight_decay", "runtime.precision.amp": "runtime.precision"}
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> TrainConfig:
+    """A :class:`TrainConfig` from a YAML file (or the defaults when ``path`` is None) plus
+    ``"a.b=value"`` overrides (values parsed as YAML scalars), checked and validated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(data, key, value)
+    cfg = config_from_dict(data)
+    validate_config(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """A plain nested dict (YAML/JSON-safe) of ``cfg``."""
+    return copy.deepcopy(dataclasses.asdict(cfg))
+
+
+def config_from_dict(d: dict[str, Any] | None) -> TrainConfig:
+    """Build a :class:`TrainConfig` from a nested dict; unknown keys and bad types raise VptuneError."""
+    return _build(TrainConfig, d or {}, "")
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """The fully resolved config as YAML text (what a run folder's ``config.yaml`` holds)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"optim.base_lr=0.5"`` -> ("optim.base_lr", 0.5); the value is parsed as a YAML scalar."""
+    if "=" not in item:
+        raise VptuneError(f"override {item!r} must look like key=value, e.g. optim.base_lr=0.5")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise VptuneError(f"override {item!r} has an empty key; use dotted keys such as optim.epochs=10")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data["a"]["b"] = value`` for ``key = "a.b"``, creating nested dicts as needed."""
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise VptuneError(f"cannot set {key!r}: {'.'.join(parts[:i + 1])} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any],
+                ignore: typing.Iterable[str] = COSMETIC_KEYS) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (``ignore``d keys left out)."""
+    out: list[str] = []
+    _diff(a, b, "", out)
+    skip = set(ignore)
+    return [k for k in out if k not in skip]
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Check values that types alone do not catch (choices, ranges), with the valid choices listed."""
+    o, r = cfg.optim, cfg.runtime
+    check_choice("optimizer", o.optimizer, OPTIMIZERS)
+    check_choice("precision", r.precision, PRECISIONS)
+    positive = {"optim.batch_size": o.batch_size, "optim.epochs": o.epochs}
+    for key, value in positive.items():
+        if value < 1:
+            raise VptuneError(f"{key} must be >= 1, got {value}")
+    nonneg = {"optim.base_lr": o.base_lr, "optim.weight_decay": o.weight_decay, "optim.min_lr": o.min_lr,
+              "optim.warmup_epochs": o.warmup_epochs, "runtime.eval_every": r.eval_every,
+              "data.num_workers": cfg.data.num_workers}
+    for key, value in nonneg.items():
+        if value < 0 or (isinstance(value, float) and not math.isfinite(value)):
+            raise VptuneError(f"{key} must be >= 0, got {value}")
+    if not 0.0 < o.warmup_start_factor <= 1.0:
+        raise VptuneError(f"optim.warmup_start_factor must be in (0, 1], got {o.warmup_start_factor}")
+    if not 0.0 <= o.label_smoothing < 1.0:
+        raise VptuneError(f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
+    if not 0.0 <= o.momentum < 1.0:
+        raise VptuneError(f"optim.momentum must be in [0, 1), got {o.momentum}")
+    if o.grad_clip is not None and o.grad_clip <= 0:
+        raise VptuneError(f"optim.grad_clip must be > 0 or null, got {o.grad_clip}")
+    if r.max_steps is not None and r.max_steps < 1:
+        raise VptuneError(f"runtime.max_steps must be >= 1 or null, got {r.max_steps}")
+    if not 0.0 < cfg.data.fraction <= 1.0:
+        raise VptuneError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")
+
+
+# ------------------------------------------------------------------------------------------ internals
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise VptuneError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise VptuneError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise VptuneError(f"config file {path} must hold a mapping of sections (backbone, method, data, "
+                          f"optim, runtime, output), got {type(data).__name__}")
+    return data
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise VptuneError(f"{where} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        hint = "".join(f" ({prefix}{k}: did you mean {_HINTS[prefix + k]}?)"
+                       for k in unknown if prefix + k in _HINTS)
+        raise VptuneError(f"unknown key(s) {', '.join(prefix + str(k) for k in unknown)} in {where}; "
+                          f"valid keys: {', '.join(fields)}{hint}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` to the annotated type ``tp`` (str, int, float, bool, dict, X | None)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if tp is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise VptuneError(f"{key} must be a mapping, got {value!r}")
+        return copy.deepcopy(value)
+    return _scalar(value, tp, key)
+
+
+def _scalar(value: Any, tp: type, key: str) -> Any:
+    bad = VptuneError(f"{key} must be {tp.__name__}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise bad
+        return str(value)
+    return value
+
+
+def _diff(a: Any, b: Any, prefix: str, out: list[str]) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            _diff(a.get(k, _MISSING), b.get(k, _MISSING), f"{prefix}{k}.", out)
+    elif a != b:
+        out.append(prefix.rstrip("."))
+
+
+_MISSING = object()

@@ -1,0 +1,523 @@
+"""The training engine: :func:`run_training` turns a :class:`TrainConfig` into a finished run folder.
+
+Run folder ``<output>/``:
+
+- ``config.yaml``: the fully resolved config;
+- ``metrics.jsonl``: one JSON line per epoch (epoch, step, lr, train_loss, train_acc, val_top1, ...);
+- ``tb/``: TensorBoard scalars (skipped, with one warning, when tensorboard is not installed);
+- ``checkpoint.pt``: written atomically after every epoch (trained tensors, optimiser, schedule, epoch,
+  RNG states): ``resume=True`` continues to the same result as an uninterrupted run, because the data
+  order of epoch ``e`` depends only on ``(seed, e)``;
+- ``task/``: the finished task (``model.save_pretrained``);
+- ``result.json``: the summary, written last: the completion marker (a run whose folder holds the same
+  config and a ``result.json`` is done, and running it again returns the stored summary).
+
+Validation runs every ``runtime.eval_every`` epochs and after the last; the test split is evaluated once, at
+the end, and never used to choose anything. A non-finite loss stops the run with a :class:`VptuneError`
+and keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.utils.data import Dataset
+
+from vptune.artifact import WEIGHTS, atomic_write_bytes, atomic_write_json
+from vptune.backbones.base import Backbone, Preprocessing
+from vptune.engine.checkpoint import (CHECKPOINT, load_checkpoint, restore_rng, save_checkpoint,
+                                      seed_everything)
+from vptune.engine.config import TrainConfig, config_diff, config_to_dict, dump_config, validate_config
+from vptune.engine.evaluate import brief, check_precision, evaluate, make_loader, resolve_device
+from vptune.engine.optim import build_optimizer, build_scheduler, resolve_optimizer_name, scaled_lr
+from vptune.errors import VptuneError
+
+logger = logging.getLogger("vptune")
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+TASK_DIR = "task"
+TB_DIR = "tb"
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, RESULT_FILE, CHECKPOINT, TASK_DIR, TB_DIR)
+_TB_WARNED = False
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+                 datasets: dict[str, Dataset] | None = None, backbone: Backbone | None = None,
+                 num_classes: int | None = None, label_names: list[str] | None = None) -> dict[str, Any]:
+    """Train ``cfg`` into ``cfg.output`` and return the summary (also written to ``result.json``).
+
+    ``datasets``: optional ``{"train": ..., "val": ..., "test": ...}`` (items ``(image tensor, label)``)
+    used instead of opening ``cfg.data``; ``backbone``: an optional shared backbone used instead of
+    building ``cfg.backbone``. ``resume`` continues from ``checkpoint.pt``; ``overwrite`` starts over.
+    """
+    validate_config(cfg)
+    check_method(cfg)
+    out = Path(cfg.output)
+    stored = prepare_output(out, cfg, resume=resume, overwrite=overwrite)
+    if stored is not None:
+        logger.info("%s already holds a finished run of this config: returning its result", out)
+        return stored
+    device = resolve_device(cfg.runtime.device)
+    check_precision(device, cfg.runtime.precision)
+    seed_everything(cfg.runtime.seed)
+    backbone = backbone if backbone is not None else build_backbone(cfg)
+    prep = task_preprocessing(backbone, cfg.backbone.input_size)
+    splits = datasets if datasets is not None else open_datasets(cfg, prep)
+    if not splits.get("train"):
+        raise VptuneError("no training data: datasets['train'] is missing or empty")
+    num_classes, label_names = infer_classes(splits["train"], num_classes, label_names)
+    seed_everything(cfg.runtime.seed)  # model init independent of how the data was opened
+    from vptune.model import create_model
+
+    model = create_model(backbone, cfg.method.name, num_classes, label_names=label_names,
+                         **cfg.method.options)
+    model.preprocessing = prep
+    trainer = Trainer(cfg, model, splits, device, out)
+    return trainer.run(resume=resume)
+
+
+def check_method(cfg: TrainConfig) -> None:
+    """Refuse an unknown method or option before any backbone or data is loaded (valid ones listed)."""
+    from vptune.methods.base import parse_method_name, parse_options
+
+    cls, implied = parse_method_name(cfg.method.name)
+    parse_options(cls, {**cfg.method.options, **implied})
+
+
+def build_backbone(cfg: TrainConfig) -> Backbone:
+    """The backbone ``cfg.backbone`` names (a registered name and/or a weights file or folder)."""
+    from vptune.backbones import create_backbone
+
+    b = cfg.backbone
+    if b.weights is None:
+        if b.name is None:
+            raise VptuneError("no backbone given: set backbone.name (--backbone) and/or backbone.weights "
+                              "(--weights); see `vptune.list_backbones()`")
+        logger.warning("backbone %r has no weights: training on a randomly initialised backbone", b.name)
+    return create_backbone(b.name, weights=b.weights, source=b.source, input_size=b.input_size, **b.config)
+
+
+def task_preprocessing(backbone: Backbone, input_size: int | None) -> Preprocessing:
+    """The task's preprocessing: the backbone's, with ``input_size`` when given (a multiple of the patch)."""
+    prep = copy.deepcopy(backbone.preprocessing)
+    if input_size is not None:
+        ps = backbone.patch_size[0]
+        if input_size <= 0 or input_size % ps:
+            raise VptuneError(f"backbone.input_size must be a positive multiple of the patch size {ps}, "
+                              f"got {input_size}")
+        prep.input_size = int(input_size)
+    return prep
+
+
+def open_datasets(cfg: TrainConfig, prep: Preprocessing) -> dict[str, Dataset]:
+    """Open the train (training transform), val and test splits of ``cfg.data``."""
+    from vptune.data import DataConfig, open_split
+
+    d = cfg.data
+    if not d.root:
+        raise VptuneError("no dataset given: set data.root (--data FOLDER)")
+    dc = DataConfig(root=d.root, format=d.format, protocol=d.protocol, num_workers=d.num_workers,
+                    skip_corrupt=d.skip_corrupt, fraction=d.fraction)
+    seed = cfg.runtime.seed
+    splits = {"train": open_split(dc, d.train_split, prep, train=True, seed=seed)}
+    if d.val_split:
+        splits["val"] = open_split(dc, d.val_split, prep, train=False, seed=seed)
+    if d.test_split:
+        splits["test"] = open_split(dc, d.test_split, prep, train=False, seed=seed)
+    return splits
+
+
+def infer_classes(train: Dataset, num_classes: int | None,
+                  label_names: list[str] | None) -> tuple[int, list[str] | None]:
+    """Class count and names: given, else the dataset's ``num_classes``/``class_names``, else max label+1."""
+    if num_classes is None:
+        num_classes = getattr(train, "num_classes", None)
+    if num_classes is None:
+        labels = getattr(train, "labels", None)
+        labels = labels if labels is not None else [int(train[i][1]) for i in range(len(train))]
+        num_classes = int(max(labels)) + 1
+    if label_names is None:
+        names = getattr(train, "class_names", None)
+        label_names = list(names) if names and len(names) == num_classes else None
+    return int(num_classes), label_names
+
+
+def read_result(out: str | Path) -> dict[str, Any] | None:
+    """The ``result.json`` of a run folder, or None when absent or unreadable."""
+    path = Path(out) / RESULT_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def read_run_config(out: str | Path) -> dict[str, Any] | None:
+    """The ``config.yaml`` of a run folder as a dict, or None when absent."""
+    path = Path(out) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise VptuneError(f"{path} is corrupt ({e}); pass --overwrite to start the run over") from None
+    return data if isinstance(data, dict) else {}
+
+
+def prepare_output(out: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Decide what an existing run folder means: the stored result (same config, finished), go on
+    (new folder, ``resume`` or ``overwrite``), or a refusal naming what differs."""
+    if overwrite:
+        clear_run(out)
+        return None
+    old = read_run_config(out)
+    if old is None:
+        return None
+    diff = config_diff(old, config_to_dict(cfg))
+    result = read_result(out)
+    if not diff and result is not None and (result.get("status") == "done" or not resume):
+        return result
+    if resume:
+        if diff:
+            logger.warning("resuming %s with a changed config: %s", out, ", ".join(diff[:8]))
+        return None
+    if diff:
+        raise VptuneError(f"output folder {out} holds a run with a different config ({', '.join(diff[:8])} "
+                          "differ); pass --resume to continue it with this config, --overwrite to start "
+                          "over, or choose another --output")
+    if (out / CHECKPOINT).is_file():
+        raise VptuneError(f"output folder {out} holds an unfinished run of this config; pass --resume to "
+                          "continue it or --overwrite to start over")
+    return None
+
+
+def clear_run(out: Path) -> None:
+    """Delete the files a run writes (and nothing else) from ``out``."""
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+
+class Trainer:
+    """One run: model, optimiser, schedule, loaders and logs (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, splits: dict[str, Dataset],
+                 device: torch.device, out: Path) -> None:
+        self.cfg, self.model, self.device, self.out = cfg, model, device, out
+        self.train_ds, self.val_ds, self.test_ds = splits["train"], splits.get("val"), splits.get("test")
+        model.gradient_checkpointing = cfg.runtime.gradient_checkpointing
+        model.to(device)
+        self.forward = torch.compile(model) if cfg.runtime.compile else model
+        bs = cfg.optim.batch_size
+        self.drop_last = len(self.train_ds) > bs and len(self.train_ds) % bs == 1  # no batch of 1 (BatchNorm)
+        n = len(self.train_ds)
+        self.steps_per_epoch = n // bs if self.drop_last else math.ceil(n / bs)
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch)
+        use_scaler = cfg.runtime.precision == "fp16" and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.epoch, self.step, self.prior_wall = 0, 0, 0.0
+        self.last_val: tuple[int, dict[str, Any]] | None = None
+        self.writer = None
+
+    # --- the whole run ----------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        t0 = time.time()
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / RESULT_FILE).unlink(missing_ok=True)
+        atomic_write_bytes(self.out / CONFIG_FILE, dump_config(self.cfg).encode())
+        if resume and (self.out / CHECKPOINT).is_file():
+            self.restore(load_checkpoint(self.out / CHECKPOINT))
+        else:
+            (self.out / METRICS_FILE).unlink(missing_ok=True)
+            if self.out.joinpath(TB_DIR).is_dir():
+                shutil.rmtree(self.out / TB_DIR)
+        self.writer = open_tensorboard(self.out / TB_DIR, purge_step=self.step + 1 if self.step else None)
+        try:
+            completed = self.fit(t0)
+            return self.finish(t0, completed)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+
+    def fit(self, t0: float) -> bool:
+        """Train epochs ``self.epoch + 1 ..``; False when ``runtime.max_steps`` stopped the run early."""
+        epochs, max_steps = self.cfg.optim.epochs, self.cfg.runtime.max_steps
+        logger.info("training %s on %d images for %d epochs (%d steps each), %s, lr %.4g",
+                    self.model.method_name, len(self.train_ds), epochs, self.steps_per_epoch,
+                    resolve_optimizer_name(self.cfg.optim, self.model), scaled_lr(self.cfg.optim))
+        while self.epoch < epochs:
+            if max_steps is not None and self.step >= max_steps:
+                return False
+            started = time.time()
+            stats = self.train_epoch(self.epoch + 1)
+            if stats is None:
+                return False
+            self.epoch += 1
+            val = self.validate_if_due()
+            self.log_epoch(stats, val, time.time() - started)
+            self.save(t0)
+        return True
+
+    # --- one epoch --------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict[str, float] | None:
+        """One pass over the training data in the order fixed by (seed, epoch); None if max_steps hit."""
+        # The shuffle contract (mirrored by vptune.engine.features.epoch_order): a generator seeded with
+        # seed * 1_000_003 + epoch; the loader draws one int64 from it (worker seeds), then randperm(n).
+        gen = torch.Generator().manual_seed(self.cfg.runtime.seed * 1_000_003 + epoch)
+        loader = make_loader(self.train_ds, self.cfg.optim.batch_size, num_workers=self.cfg.data.num_workers,
+                             device=self.device, shuffle=True, generator=gen, drop_last=self.drop_last)
+        self.model.train()
+        loss_sum, correct, n = 0.0, 0, 0
+        bar = progress_bar(self.steps_per_epoch, f"epoch {epoch}/{self.cfg.optim.epochs}",
+                           self.cfg.runtime.progress)
+        max_steps = self.cfg.runtime.max_steps
+        try:
+            for images, labels in loader:
+                if max_steps is not None and self.step >= max_steps:
+                    return None
+                loss, hits = self.train_step(images, torch.as_tensor(labels), epoch)
+                loss_sum, correct, n = loss_sum + loss * len(labels), correct + hits, n + len(labels)
+                bar.update(1)
+                lr = self.scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", refresh=False)
+        finally:
+            bar.close()
+        return {"train_loss": loss_sum / max(n, 1), "train_acc": 100.0 * correct / max(n, 1)}
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> tuple[float, int]:
+        """Forward, loss, backward, (clip), optimiser and schedule step; returns (loss, correct)."""
+        self._check_labels(labels)
+        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        lr = self.scheduler.get_last_lr()[0]
+        from vptune.engine.evaluate import autocast
+
+        with autocast(self.device, self.cfg.runtime.precision):
+            logits = self.forward(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise self._non_finite(value, epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._backward_and_step(loss)
+        self.scheduler.step()
+        self.step += 1
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss_step", value, self.step)
+            self.writer.add_scalar("train/lr", lr, self.step)
+        return value, int((logits.detach().argmax(dim=1) == labels).sum())
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        clip = self.cfg.optim.grad_clip
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            return
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        self.optimizer.step()
+
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        k = self.model.num_classes
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
+            raise VptuneError(f"training label {int(labels.max())} is out of range for {k} classes "
+                              f"(labels must be 0..{k - 1})")
+
+    def _non_finite(self, value: float, epoch: int) -> VptuneError:
+        ckpt = self.out / CHECKPOINT
+        kept = (f"the last good checkpoint (epoch {self.epoch}) is kept at {ckpt}"
+                if self.epoch and ckpt.is_file() else "no epoch had finished, so there is no checkpoint")
+        lr = self.scheduler.get_last_lr()[0]
+        return VptuneError(f"training stopped: the loss became {value} at epoch {epoch}, step "
+                           f"{self.step + 1} (lr {lr:.4g}); {kept}. Try a lower optim.base_lr, "
+                           "optim.grad_clip, or fp32 precision")
+
+    # --- validation, logs, checkpoints --------------------------------------------------------------
+    def validate_if_due(self) -> dict[str, Any] | None:
+        every, last = self.cfg.runtime.eval_every, self.epoch == self.cfg.optim.epochs
+        if self.val_ds is None or not (last or (every > 0 and self.epoch % every == 0)):
+            return None
+        val = self.evaluate(self.val_ds, "val")
+        self.last_val = (self.epoch, val)
+        return val
+
+    def evaluate(self, dataset: Dataset, name: str) -> dict[str, Any]:
+        return evaluate(self.model, dataset, device=self.device, precision=self.cfg.runtime.precision,
+                        batch_size=self.cfg.optim.batch_size, num_workers=self.cfg.data.num_workers,
+                        progress=self.cfg.runtime.progress, desc=name)
+
+    def log_epoch(self, stats: dict[str, float], val: dict[str, Any] | None, seconds: float) -> None:
+        lr = self.scheduler.get_last_lr()[0]  # at the end of the epoch (TensorBoard has it per step)
+        record: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "lr": lr, **stats,
+                                  "epoch_s": round(seconds, 3)}
+        if val is not None:
+            record.update({"val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]})
+        with open(self.out / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("epoch", "step"):
+                    self.writer.add_scalar(key.replace("_", "/", 1), value, self.step)
+            self.writer.flush()
+        shown = f", val top-1 {val['top1']:.2f}%" if val is not None else ""
+        logger.info("epoch %d/%d: loss %.4f, train acc %.2f%%%s", self.epoch, self.cfg.optim.epochs,
+                    stats["train_loss"], stats["train_acc"], shown)
+
+    def save(self, t0: float) -> None:
+        extra = {"wall_s": self.prior_wall + time.time() - t0,
+                 "last_val_epoch": self.last_val[0] if self.last_val else 0,
+                 "config": config_to_dict(self.cfg)}
+        save_checkpoint(self.out / CHECKPOINT, model_state=self.model.trained_state_dict(),
+                        optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                        epoch=self.epoch, step=self.step,
+                        scaler=self.scaler.state_dict() if self.scaler is not None else None, extra=extra)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: trained tensors, optimiser, schedule, counters, RNG states."""
+        expected = self.model.trained_state_dict()
+        got = state["model"]
+        if set(got) != set(expected) or any(tuple(got[k].shape) != tuple(expected[k].shape) for k in got):
+            raise VptuneError(f"{self.out / CHECKPOINT} does not match the model of this config (method or "
+                              "backbone changed?); pass --overwrite to start over")
+        self.model.load_state_dict(got, strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.prior_wall = float(state.get("extra", {}).get("wall_s", 0.0))
+        truncate_metrics(self.out / METRICS_FILE, self.epoch)
+        restore_rng(state["rng"])
+        logger.info("resumed %s at epoch %d (step %d)", self.out, self.epoch, self.step)
+
+    # --- the end ----------------------------------------------------------------------------------
+    def finish(self, t0: float, completed: bool) -> dict[str, Any]:
+        """Final validation and test, the task folder, then ``result.json`` (last)."""
+        val = None
+        if self.val_ds is not None:
+            val = self.last_val[1] if self.last_val and self.last_val[0] == self.epoch else \
+                self.evaluate(self.val_ds, "val")
+        test = self.evaluate(self.test_ds, "test") if self.test_ds is not None else None
+        summary = self.summary(val, test, completed, self.prior_wall + time.time() - t0)
+        task_summary = {**summary, "val": brief(val), "test": brief(test)}
+        self.model.save_pretrained(self.out / TASK_DIR, training=task_summary)
+        summary["stored_bytes"] = (self.out / TASK_DIR / WEIGHTS).stat().st_size
+        stamp_task_summary(self.out / TASK_DIR, summary["stored_bytes"])
+        atomic_write_json(self.out / RESULT_FILE, summary)
+        self._log_final(summary)
+        return summary
+
+    def summary(self, val: dict | None, test: dict | None, completed: bool, wall: float) -> dict[str, Any]:
+        cfg, model = self.cfg, self.model
+        b = cfg.backbone
+        weights = str(Path(b.weights).resolve()) if b.weights else None
+        return {
+            "status": "done" if completed else "stopped",
+            "val": val, "test": test, "epochs": self.epoch, "epochs_planned": cfg.optim.epochs,
+            "steps": self.step,
+            "trainable_parameters": model.num_trainable_parameters(), "stored_bytes": None,
+            "backbone_parameters": model.num_backbone_parameters(), "method": model.method_name,
+            "options": model.method.option_dict(), "num_classes": model.num_classes,
+            "optimizer": resolve_optimizer_name(cfg.optim, model), "lr": scaled_lr(cfg.optim),
+            "backbone": {"name": b.name, "weights": weights, "source": b.source, "input_size": b.input_size,
+                         "config": dict(b.config), "sha256": model.backbone.fingerprint()},
+            "data": self.data_summary(),
+            "seed": cfg.runtime.seed, "device": str(self.device), "precision": cfg.runtime.precision,
+            "config": config_to_dict(cfg), "wall_s": round(wall, 3),
+        }
+
+    def data_summary(self) -> dict[str, Any]:
+        d = self.cfg.data
+        sizes = {k: len(ds) if ds is not None else 0 for k, ds in
+                 (("n_train", self.train_ds), ("n_val", self.val_ds), ("n_test", self.test_ds))}
+        root = str(Path(d.root).resolve()) if d.root else None
+        return {"root": root, "format": d.format, "protocol": d.protocol, "train_split": d.train_split,
+                "val_split": d.val_split, "test_split": d.test_split, **sizes}
+
+    def _log_final(self, summary: dict[str, Any]) -> None:
+        parts = [f"{k} top-1 {summary[k]['top1']:.2f}%" for k in ("val", "test") if summary[k]]
+        logger.info("%s after %d epochs%s; task saved to %s", summary["status"], summary["epochs"],
+                    ": " + ", ".join(parts) if parts else "", self.out / TASK_DIR)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def stamp_task_summary(task_dir: Path, stored_bytes: int) -> None:
+    """Add ``stored_bytes`` (known only once the weights are written) to task.json's training summary."""
+    path = task_dir / "task.json"
+    meta = json.loads(path.read_text())
+    meta.setdefault("training", {})["stored_bytes"] = stored_bytes
+    atomic_write_json(path, meta)
+
+
+def truncate_metrics(path: Path, epoch: int) -> None:
+    """Drop metric lines of epochs after ``epoch`` (written before an interruption, never checkpointed)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("epoch", 0) <= epoch:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+
+def open_tensorboard(log_dir: Path, purge_step: int | None = None) -> Any:
+    """A SummaryWriter, or None (with one warning per process) when tensorboard is unavailable."""
+    global _TB_WARNED
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception as e:  # ImportError, or a broken tensorboard/protobuf install
+        if not _TB_WARNED:
+            warnings.warn(f"tensorboard is unavailable ({e}); TensorBoard logs are skipped", stacklevel=2)
+            _TB_WARNED = True
+        return None
+    return SummaryWriter(str(log_dir), purge_step=purge_step)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar on a terminal when ``enabled``; a silent stand-in otherwise."""
+    if not enabled or not sys.stderr.isatty():
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)

@@ -354,3 +354,17 @@ def test_real_vit_tiny(assets: Path) -> None:
         logits = model(_images(assets)) @ rep.head["head.weight"].t() + rep.head["head.bias"]
     assert logits.shape == (4, 200) and torch.isfinite(logits).all()
     assert logits.softmax(-1).max(-1).values.min() > 1.0 / 200  # not a flat (broken) distribution
+
+
+def test_checkpoint_of_another_size_is_refused_for_its_gaps_not_as_ambiguous(tmp_path):
+    """A headless timm file of a 2-block ViT given to a 12-block config: timm layout, missing keys named."""
+    from safetensors.torch import save_file
+
+    from vptune.backbones import create_backbone
+    from vptune.backbones.vit import VisionTransformer, ViTConfig
+
+    small = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2))
+    save_file(small.state_dict(), str(tmp_path / "w.safetensors"))
+    with pytest.raises(VptuneError, match=r"source .timm.*missing 120: blocks\.\d+\."):
+        create_backbone("vit_tiny_patch16_224", weights=tmp_path / "w.safetensors", img_size=32, patch_size=8,
+                        embed_dim=32, num_heads=2)

@@ -146,17 +146,20 @@ def detect_source(sd: StateDict, backbone: nn.Module | None = None) -> str:
         if not same_arch:
             raise VptuneError(f"the checkpoint looks like {' or '.join(map(repr, matches))} "
                               f"({CONVERTERS[matches[0]].arch}), but the backbone is a {backbone.arch!r}")
-        fits = [s for s in same_arch if _fits(s, sd, backbone)]
-        matches = same_arch if len(same_arch) == 1 or not fits else fits
+        matches = _closest(same_arch, sd, backbone)
     if len(matches) > 1:
         raise VptuneError(f"ambiguous checkpoint layout: it matches {', '.join(matches)}; "
                           f"pass source= one of: {valid}")
     return matches[0]
 
 
-def _fits(source: str, sd: StateDict, backbone: nn.Module) -> bool:
-    converted, _ = _split_head(CONVERTERS[source].fn(sd))
-    return set(converted) == set(backbone.state_dict())
+def _closest(sources: list[str], sd: StateDict, backbone: nn.Module) -> list[str]:
+    """The layouts whose converted key set is nearest the backbone's (an exact fit when one exists), so
+    that a checkpoint of another size is loaded as its layout and then refused for its real gaps."""
+    own = set(backbone.state_dict())
+    gaps = {s: len(set(_split_head(CONVERTERS[s].fn(sd))[0]) ^ own) for s in sources}
+    best = min(gaps.values())
+    return [s for s in sources if gaps[s] == best]
 
 
 def _split_head(sd: StateDict) -> tuple[StateDict, StateDict]:

@@ -1,0 +1,64 @@
+"""``vptune sweep SWEEP.yaml`` (the VTAB-1k protocol: grid on train800/val200, finals with seeds) and
+``vptune report RUNS`` (tables and plots of finished runs)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``sweep`` and ``report`` commands."""
+    s = sub.add_parser(
+        "sweep", help="run a hyper-parameter sweep with the VTAB-1k protocol",
+        description="Grid (lr x wd [x prompt length] [x data fraction]) trained on the fit split and scored on "
+                    "the select split at the last epoch (ties -> smaller lr, then smaller wd, then fewer "
+                    "tokens); the best setting retrained on the final split with each seed and tested. "
+                    "Finished runs are skipped, so re-running resumes a sweep.")
+    s.add_argument("sweep", help="sweep YAML (see configs/sweeps/)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the base train config, e.g. --set optim.epochs=1 (repeatable)")
+    s.add_argument("--output", default=None, help="output root (default: the sweep's 'output')")
+    s.add_argument("--backend", default=None, help="execution backend (default: the sweep's, 'local')")
+    s.add_argument("--dry-run", action="store_true", help="print the plan and its cost, train nothing")
+    s.add_argument("--overwrite-stale", action="store_true",
+                   help="retrain finished runs whose config differs from what the sweep now plans")
+    s.add_argument("--quiet", action="store_true", help="no per-epoch logs or progress bars")
+    s.set_defaults(func=_sweep)
+
+    r = sub.add_parser("report", help="tables (markdown, CSV) and plots of finished runs",
+                       description="Mean ± std over seeds per task x method, group means, both overall means "
+                                   "(mean of tasks, mean of group means), parameters, total-params figure.")
+    r.add_argument("runs", nargs="+", help="run folders or sweep output roots (searched for result.json)")
+    r.add_argument("--out", default=None, help="where report.md, report.csv, summary.csv and the plots go "
+                                               "(default: RUNS[0]/report)")
+    r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    r.set_defaults(func=_report)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from vptune.engine.sweep import Env, load_sweep, run_sweep
+
+    spec = load_sweep(args.sweep, overrides=args.overrides)
+    if args.output:
+        spec.output = args.output
+    if args.quiet:
+        spec.base["runtime"]["progress"] = False
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_sweep(spec, backend=args.backend, env=Env(progress=not args.quiet), dry_run=args.dry_run,
+              overwrite_stale=args.overwrite_stale, log=lambda msg: print(msg, flush=True))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vptune.engine.report import to_markdown, write_report
+
+    out = args.out or str(Path(args.runs[0]) / "report")
+    report, files = write_report(args.runs, out, plots=not args.no_plots)
+    sys.stdout.write(to_markdown(report, args.runs))
+    print("\nwrote " + ", ".join(str(p) for p in files.values()), file=sys.stderr)
+    return 0

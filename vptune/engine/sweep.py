@@ -1,0 +1,807 @@
+"""``vptune sweep``: the VTAB-1k protocol, written once, for every method.
+
+The protocol (VPT paper Sec. 4.1; REFERENCE.md "Training recipe", VTAB-1k protocol):
+
+1. **Grid.** Every setting of the grid axes -- base lr x weight decay, optionally prompt length (the method
+   option ``num_tokens``) and data fraction (the paper's data-scale study) -- trains on ``train800`` and
+   is scored on ``val200`` at its last epoch. Grid runs never open the test split.
+2. **Selection** (:func:`select_best`), per task, method and fraction: the highest val top-1. Ties (equal
+   when rounded to 6 decimals) go to the smaller lr (the paper's rule), then to the smaller weight decay, then to the
+   shorter prompt. The last two are vptune's choice: among equally good settings, prefer the least
+   regularised and cheapest one; any fixed order keeps the choice deterministic. The test split is never
+   consulted.
+3. **Final.** The chosen setting retrains on ``train800val200`` (1,000 images) once per seed (default 3)
+   and reports last-epoch test top-1 (``vptune report`` aggregates it).
+
+A sweep is data (YAML, see :func:`parse_sweep` and ``configs/sweeps/``) and its runs are idempotent by
+folder::
+
+    <output>/<task>/<method>/grid/lr{lr}_wd{wd}[_p{num_tokens}][_frac{fraction}]/   one grid run
+    <output>/<task>/<method>/selection.json                                          every score, the choice
+    <output>/<task>/<method>/final/seed{s}[_frac{fraction}]/                         one final run
+
+A folder whose ``result.json`` holds the same config is finished and never trained again. Linear-probe
+grids (and finals) train every head in one pass on cached frozen features (:mod:`vptune.engine.features`).
+Runs execute through a backend (:data:`BACKENDS`; ``"local"``: sequentially in this process).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vptune.errors import VptuneError, check_choice
+
+SELECTION_FILE = "selection.json"
+SELECTION_RULE = ("highest val top-1 at the last epoch; ties (equal to 6 decimals) -> smaller lr, then smaller "
+                  "weight decay, then fewer prompt tokens; the test split is never used")
+TIE_DIGITS = 6  # val top-1 (percent) equal to 6 decimals is a tie
+
+# The paper's grids (REFERENCE.md "Training recipe"): base lr for SGD methods (prompts, linear, MLP,
+# sidetune), base lr for AdamW methods (full, partial, bias, adapter), and weight decay.
+PAPER_SGD_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
+PAPER_ADAMW_LRS = (0.001, 0.0001, 0.0005, 0.005)
+PAPER_WDS = (0.01, 0.001, 0.0001, 0.0)
+
+TOP_KEYS = ("name", "base", "overrides", "output", "tasks", "methods", "grid", "seeds", "grid_seed", "splits",
+            "backend", "feature_cache", "linear_one_pass")
+GRID_AXES = ("lr", "wd", "num_tokens", "fraction")
+TASKS_KEYS = ("root", "names", "data")
+TASK_KEYS = ("name", "root", "data")
+METHOD_KEYS = ("name", "label", "options", "grid", "config")
+SPLIT_KEYS = ("fit", "select", "final", "test")
+
+
+# ------------------------------------------------------------------------------------------------------
+# the sweep as data
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GridSpec:
+    """Grid axes; None: not given (a method's grid falls back to the sweep's, then to the paper's)."""
+
+    lr: list[float] | None = None
+    wd: list[float] | None = None
+    num_tokens: list[int] | None = None
+    fraction: list[float] | None = None
+
+    def merged(self, over: GridSpec) -> GridSpec:
+        return GridSpec(*(getattr(over, a) if getattr(over, a) is not None else getattr(self, a) for a in GRID_AXES))
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    root: str
+    data: dict[str, Any] = field(default_factory=dict)  # data-section overrides (format, protocol, ...)
+
+
+@dataclass
+class MethodSpec:
+    name: str  # a registered method (vptune.list_methods())
+    label: str  # its folder name in the sweep
+    options: dict[str, Any]
+    grid: GridSpec  # fully resolved: lr, wd, fraction set; num_tokens None or a list
+    config: dict[str, Any] = field(default_factory=dict)  # train-config overrides for this method
+
+
+@dataclass
+class Splits:
+    fit: str = "train800"  # grid runs train here
+    select: str = "val200"  # ... and are scored here
+    final: str = "train800val200"  # final runs train here
+    test: str = "test"  # ... and are tested here
+
+
+@dataclass
+class SweepSpec:
+    base: dict[str, Any]  # the base train config, resolved (config_to_dict form)
+    tasks: list[TaskSpec]
+    methods: list[MethodSpec]
+    output: str = "runs/sweep"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    grid_seed: int = 0
+    splits: Splits = field(default_factory=Splits)
+    backend: str = "local"
+    feature_cache: str | None = None  # default <output>/features
+    linear_one_pass: str = "auto"  # "auto" | "on" | "off"
+    name: str = ""
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.feature_cache) if self.feature_cache else Path(self.output) / "features"
+
+
+def _check_keys(where: str, data: Any, valid: Sequence[str]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise VptuneError(f"{where} must be a mapping with keys {', '.join(valid)}; got {data!r}")
+    unknown = sorted(str(k) for k in data if k not in valid)
+    if unknown:
+        raise VptuneError(f"unknown key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(valid)}")
+    return data
+
+
+def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:
+    """Read a sweep YAML file; ``overrides`` (``"optim.epochs=1"``) apply to its base train config."""
+    path = Path(path)
+    if not path.is_file():
+        raise VptuneError(f"sweep file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise VptuneError(f"sweep file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    spec = parse_sweep(data or {}, base_dir=path.parent, overrides=overrides)
+    spec.name = spec.name or path.stem
+    return spec
+
+
+def parse_sweep(data: dict[str, Any], base_dir: str | Path = ".", overrides: Sequence[str] = ()) -> SweepSpec:
+    """Build a :class:`SweepSpec`: every key checked, every method and option validated (VptuneError
+    listing the valid choices). Keys: base (train config: a path -- relative to the sweep file or the
+    working folder -- or an inline mapping), overrides (``a.b=value`` for the base), output, tasks,
+    methods, grid (lr, wd, num_tokens, fraction), seeds (a count or a list), grid_seed, splits (fit,
+    select, final, test), backend, feature_cache, linear_one_pass (auto | on | off)."""
+    _check_keys("the sweep", data, TOP_KEYS)
+    for key in ("base", "tasks", "methods"):
+        if key not in data:
+            raise VptuneError(f"the sweep has no {key!r}; required keys: base, tasks, methods")
+    own = data.get("overrides") or []
+    own = [str(o) for o in _as_list(own, "overrides")] if own else []
+    base = _load_base(data["base"], Path(base_dir), own + list(overrides))
+    grid = _parse_grid(data.get("grid") or {}, "grid")
+    methods = [_parse_method(m, i, grid, base) for i, m in enumerate(_as_list(data["methods"], "methods"))]
+    _unique([m.label for m in methods], "method label")
+    tasks = _parse_tasks(data["tasks"])
+    splits = Splits(**{k: str(v) for k, v in _check_keys("splits", data.get("splits") or {}, SPLIT_KEYS).items()})
+    raw = data.get("linear_one_pass", "auto")
+    one_pass = {True: "on", False: "off"}.get(raw, raw) if isinstance(raw, (bool, str)) else raw
+    check_choice("linear_one_pass", one_pass, ("auto", "on", "off"))
+    backend = str(data.get("backend", "local"))
+    backend_factory(backend)
+    return SweepSpec(base=base, tasks=tasks, methods=methods, output=str(data.get("output", "runs/sweep")),
+                     seeds=_parse_seeds(data.get("seeds", 3)), splits=splits, backend=backend,
+                     grid_seed=_int(data.get("grid_seed", base["runtime"]["seed"]), "grid_seed"),
+                     feature_cache=data.get("feature_cache"), linear_one_pass=one_pass, name=str(data.get("name", "")))
+
+
+def _load_base(value: Any, base_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    from vptune.engine.config import (
+        config_from_dict,
+        config_to_dict,
+        load_config,
+        parse_override,
+        set_dotted,
+        validate_config,
+    )
+
+    if isinstance(value, str):
+        path = base_dir / value if (base_dir / value).is_file() else Path(value)
+        return config_to_dict(load_config(path, overrides))
+    if not isinstance(value, dict):
+        raise VptuneError(f"base must be a train-config path or mapping, got {value!r}")
+    data = json.loads(json.dumps(value))
+    for item in overrides:
+        set_dotted(data, *parse_override(item))
+    cfg = config_from_dict(data)
+    validate_config(cfg)
+    return config_to_dict(cfg)
+
+
+def _as_list(value: Any, where: str) -> list[Any]:
+    if isinstance(value, (str, int, float, dict)):
+        return [value]
+    if not isinstance(value, list) or not value:
+        raise VptuneError(f"{where} must be a value or a non-empty list, got {value!r}")
+    return value
+
+
+def _unique(names: list[str], what: str) -> None:
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise VptuneError(f"duplicate {what}(s) {', '.join(dup)}; give each a distinct name (label)")
+
+
+def _int(v: Any, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or float(v) != int(v):
+        raise VptuneError(f"{where} must be an integer, got {v!r}")
+    return int(v)
+
+
+def _parse_grid(data: Any, where: str) -> GridSpec:
+    _check_keys(where, data, GRID_AXES)
+    axes: dict[str, Any] = {}
+    for axis, raw in data.items():
+        values = []
+        for v in _as_list(raw, f"{where}.{axis}"):
+            if axis == "num_tokens":
+                v = _int(v, f"{where}.num_tokens")
+                ok = v >= 1
+            else:
+                if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+                    raise VptuneError(f"{where}.{axis} values must be numbers, got {v!r}")
+                try:
+                    v = float(v)
+                except ValueError:
+                    raise VptuneError(f"{where}.{axis} values must be numbers, got {v!r}") from None
+                ok = {"lr": v > 0, "wd": v >= 0, "fraction": 0 < v <= 1}[axis] and math.isfinite(v)
+            if not ok:
+                rule = {"lr": "> 0", "wd": ">= 0", "fraction": "in (0, 1]", "num_tokens": ">= 1"}[axis]
+                raise VptuneError(f"{where}.{axis} values must be {rule}, got {v!r}")
+            if v not in values:
+                values.append(v)
+        axes[axis] = values
+    return GridSpec(**axes)
+
+
+def _parse_method(entry: Any, i: int, grid: GridSpec, base: dict[str, Any]) -> MethodSpec:
+    from vptune.engine.config import config_from_dict
+    from vptune.methods.base import parse_method_name, parse_options
+
+    entry = {"name": entry} if isinstance(entry, str) else entry
+    _check_keys(f"methods[{i}]", entry, METHOD_KEYS)
+    if "name" not in entry:
+        raise VptuneError(f"methods[{i}] has no name; valid methods: {', '.join(_methods())}")
+    name = str(entry["name"])
+    cls, implied = parse_method_name(name)
+    inherited = base["method"]["options"] if base["method"]["name"] == name else {}
+    options = {**inherited, **_check_keys(f"methods[{i}].options", entry.get("options") or {}, _option_names(cls))}
+    mgrid = grid.merged(_parse_grid(entry.get("grid") or {}, f"methods[{i}].grid"))
+    if mgrid.num_tokens and "num_tokens" not in _option_names(cls):
+        raise VptuneError(f"grid axis num_tokens applies to methods with a num_tokens option "
+                          f"({', '.join(_methods('num_tokens'))}), not {name!r}")
+    for p in mgrid.num_tokens or [None]:
+        parse_options(cls, {**options, **implied, **({"num_tokens": p} if p is not None else {})})
+    config = entry.get("config") or {}
+    merged = config_from_dict(_deep_merge(base, config))  # refuses unknown keys, listing the valid ones
+    optimizer = merged.optim.optimizer if merged.optim.optimizer != "auto" else cls.optimizer
+    lrs = mgrid.lr or list(PAPER_SGD_LRS if optimizer == "sgd" else PAPER_ADAMW_LRS)
+    label = str(entry.get("label", name))
+    if not label or "/" in label or label.startswith("."):
+        raise VptuneError(f"methods[{i}].label {label!r} must be a plain folder name")
+    resolved = GridSpec(lrs, mgrid.wd or list(PAPER_WDS), mgrid.num_tokens, mgrid.fraction or [1.0])
+    return MethodSpec(name, label, options, resolved, config)
+
+
+def _option_names(cls: type) -> list[str]:
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(cls.options_cls)]
+
+
+def _methods(option: str | None = None) -> list[str]:
+    """Registered method names; with ``option``: those whose options include it."""
+    from vptune.methods.base import METHODS, list_methods
+
+    if option is None:
+        return list_methods()
+    return sorted(n for n, cls in METHODS.items() if option in _option_names(cls))
+
+
+def _parse_tasks(value: Any) -> list[TaskSpec]:
+    from vptune.engine.config import DataCfg
+
+    data_keys = [k for k in DataCfg.__dataclass_fields__ if k != "root"]
+    if isinstance(value, dict):
+        _check_keys("tasks", value, TASKS_KEYS)
+        if "root" not in value:
+            raise VptuneError("tasks needs a root (the folder holding one sub-folder per task) with optional names")
+        root = Path(str(value["root"]))
+        names = value.get("names")
+        if names is None:
+            if not root.is_dir():
+                raise VptuneError(f"tasks root {str(root)!r} does not exist")
+            names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        common = _check_keys("tasks.data", value.get("data") or {}, data_keys)
+        tasks = [TaskSpec(str(n), str(root / str(n)), dict(common)) for n in _as_list(names, "tasks.names")]
+    else:
+        tasks = []
+        for i, t in enumerate(_as_list(value, "tasks")):
+            t = {"root": t} if isinstance(t, str) else _check_keys(f"tasks[{i}]", t, TASK_KEYS)
+            if "root" not in t:
+                raise VptuneError(f"tasks[{i}] has no root (the task's data folder)")
+            name = str(t.get("name") or Path(str(t["root"])).name)
+            tasks.append(TaskSpec(name, str(t["root"]), dict(_check_keys(f"tasks[{i}].data", t.get("data") or {},
+                                                                          data_keys))))
+    if not tasks:
+        raise VptuneError("the sweep has no tasks")
+    _unique([t.name for t in tasks], "task name")
+    return tasks
+
+
+def _parse_seeds(value: Any) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise VptuneError(f"seeds must be >= 1 (a count) or a list of seeds, got {value}")
+        return list(range(value))
+    seeds = [_int(s, "seeds") for s in _as_list(value, "seeds")]
+    _unique([str(s) for s in seeds], "seed")
+    return seeds
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(a))
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# the plan: one Run per folder
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One planned run: where it lives, its full train config and its place in the grid."""
+
+    task: str
+    method: str  # the method's label
+    stage: str  # "grid" | "final"
+    folder: Path
+    config: dict[str, Any]
+    lr: float
+    wd: float
+    num_tokens: int | None
+    fraction: float
+    seed: int
+    one_pass: bool = False  # trained by the one-pass linear sweep
+
+
+def fmt(v: float) -> str:
+    """A number as it appears in folder names: 50, 2.5, 0.0001, 1e-05."""
+    return format(float(v), "g") if not isinstance(v, int) else str(v)
+
+
+def grid_folder(lr: float, wd: float, num_tokens: int | None = None, fraction: float = 1.0) -> str:
+    """``lr{lr}_wd{wd}[_p{num_tokens}][_frac{fraction}]`` (``_p`` only with a num_tokens axis)."""
+    name = f"lr{fmt(lr)}_wd{fmt(wd)}"
+    name += f"_p{num_tokens}" if num_tokens is not None else ""
+    return name + (f"_frac{fmt(fraction)}" if fraction != 1.0 else "")
+
+
+def final_folder(seed: int, fraction: float = 1.0) -> str:
+    return f"seed{seed}" + (f"_frac{fmt(fraction)}" if fraction != 1.0 else "")
+
+
+def run_config(spec: SweepSpec, task: TaskSpec, method: MethodSpec, *, stage: str, lr: float, wd: float,
+               num_tokens: int | None, fraction: float, seed: int, folder: Path) -> dict[str, Any]:
+    """The full train config of one run: base, the method's overrides, the task's data, the grid point
+    and the stage's splits (grid: fit/select, no test; final: final/test, no validation)."""
+    from vptune.engine.config import config_from_dict, config_to_dict, validate_config
+
+    cfg = _deep_merge(spec.base, method.config)
+    options = {**method.options, **({"num_tokens": num_tokens} if num_tokens is not None else {})}
+    cfg["method"] = {"name": method.name, "options": options}
+    cfg["data"].update(task.data)
+    sp = spec.splits
+    train, val, test = (sp.fit, sp.select, None) if stage == "grid" else (sp.final, None, sp.test)
+    cfg["data"].update(root=task.root, fraction=fraction, train_split=train, val_split=val, test_split=test)
+    cfg["optim"].update(base_lr=lr, weight_decay=wd)
+    cfg["runtime"]["seed"] = seed
+    cfg["output"] = str(folder)
+    checked = config_from_dict(cfg)
+    validate_config(checked)
+    return config_to_dict(checked)
+
+
+def _one_pass(spec: SweepSpec, method: MethodSpec, config: dict[str, Any]) -> bool:
+    from vptune.engine.config import config_from_dict
+    from vptune.engine.features import one_pass_eligible
+
+    if method.name != "linear" or spec.linear_one_pass == "off":
+        return False
+    why = one_pass_eligible(config_from_dict(config))
+    if why and spec.linear_one_pass == "on":
+        raise VptuneError(f"linear_one_pass is on, but {method.label} cannot use it: {why}")
+    return why is None
+
+
+def _make_run(spec: SweepSpec, task: TaskSpec, method: MethodSpec, stage: str, folder: Path, lr: float,
+              wd: float, p: int | None, frac: float, seed: int) -> Run:
+    cfg = run_config(spec, task, method, stage=stage, lr=lr, wd=wd, num_tokens=p, fraction=frac, seed=seed,
+                     folder=folder)
+    return Run(task.name, method.label, stage, folder, cfg, lr, wd, p, frac, seed, _one_pass(spec, method, cfg))
+
+
+def method_dir(spec: SweepSpec, task: str, method: str) -> Path:
+    return Path(spec.output) / task / method
+
+
+def plan_grid(spec: SweepSpec) -> list[Run]:
+    """Every grid run of the sweep, task by task, method by method."""
+    runs = []
+    for task in spec.tasks:
+        for m in spec.methods:
+            for frac in m.grid.fraction or [1.0]:
+                for p in m.grid.num_tokens or [None]:
+                    for lr in m.grid.lr or []:
+                        for wd in m.grid.wd or []:
+                            folder = method_dir(spec, task.name, m.label) / "grid" / grid_folder(lr, wd, p, frac)
+                            runs.append(_make_run(spec, task, m, "grid", folder, lr, wd, p, frac, spec.grid_seed))
+    return runs
+
+
+def plan_final(spec: SweepSpec, choices: dict[tuple[str, str, float], GridScore]) -> list[Run]:
+    """The final runs: each (task, method, fraction)'s chosen setting, once per seed."""
+    runs = []
+    for task in spec.tasks:
+        for m in spec.methods:
+            for frac in m.grid.fraction or [1.0]:
+                c = choices[(task.name, m.label, frac)]
+                for seed in spec.seeds:
+                    folder = method_dir(spec, task.name, m.label) / "final" / final_folder(seed, frac)
+                    runs.append(_make_run(spec, task, m, "final", folder, c.lr, c.wd, c.num_tokens, frac, seed))
+    return runs
+
+
+def run_state(run: Run) -> str:
+    """``done`` (a result of this config), ``stale`` (a result of another config), ``partial`` (started,
+    unfinished) or ``pending``."""
+    from vptune.engine.config import config_diff
+    from vptune.engine.trainer import CONFIG_FILE, read_result
+
+    result = read_result(run.folder)
+    if result is not None and result.get("status") in ("done", "stopped"):
+        return "stale" if config_diff(result.get("config") or {}, run.config) else "done"
+    return "partial" if (run.folder / CONFIG_FILE).is_file() else "pending"
+
+
+# ------------------------------------------------------------------------------------------------------
+# selection on val only
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GridScore:
+    """One grid run's last-epoch val top-1 (the only number selection looks at)."""
+
+    lr: float
+    wd: float
+    num_tokens: int | None
+    fraction: float
+    val_top1: float
+    folder: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def selection_key(s: GridScore) -> tuple[float, float, float, int]:
+    """Sort key, best first: highest val top-1 (to 6 decimals), then smaller lr, smaller weight decay,
+    fewer prompt tokens (see the module docstring)."""
+    return (-round(s.val_top1, TIE_DIGITS), s.lr, s.wd, s.num_tokens or 0)
+
+
+def select_best(scores: Sequence[GridScore]) -> GridScore:
+    """The chosen setting of one (task, method, fraction) grid (the module docstring gives the rule)."""
+    if not scores:
+        raise VptuneError("no grid results to select from")
+    return min(scores, key=selection_key)
+
+
+def grid_score(run: Run) -> GridScore:
+    """The val top-1 of a finished grid run (its test numbers, if any, are ignored)."""
+    from vptune.engine.trainer import read_result
+
+    result = read_result(run.folder) or {}
+    val = result.get("val") or {}
+    if "top1" not in val:
+        raise VptuneError(f"grid run {run.folder} has no validation result; selection needs val top-1 "
+                          "(is splits.select set?)")
+    return GridScore(run.lr, run.wd, run.num_tokens, run.fraction, float(val["top1"]), str(run.folder))
+
+
+def select_all(spec: SweepSpec, grid: Sequence[Run]) -> dict[tuple[str, str, float], GridScore]:
+    """Choose per (task, method, fraction) and write each ``<task>/<method>/selection.json``."""
+    from vptune.artifact import atomic_write_json
+
+    groups: dict[tuple[str, str], list[GridScore]] = {}
+    for run in grid:
+        groups.setdefault((run.task, run.method), []).append(grid_score(run))
+    choices: dict[tuple[str, str, float], GridScore] = {}
+    for (task, method), scores in groups.items():
+        fractions = sorted({s.fraction for s in scores}, reverse=True)
+        picked = [select_best([s for s in scores if s.fraction == f]) for f in fractions]
+        choices.update({(task, method, c.fraction): c for c in picked})
+        atomic_write_json(method_dir(spec, task, method) / SELECTION_FILE, {
+            "task": task, "method": method, "rule": SELECTION_RULE, "fit_split": spec.splits.fit,
+            "selected_on": spec.splits.select, "grid": [s.to_dict() for s in sorted(scores, key=selection_key)],
+            "choice": picked[0].to_dict() if len(picked) == 1 else None,
+            "choices": [c.to_dict() for c in picked]})
+    return choices
+
+
+# ------------------------------------------------------------------------------------------------------
+# cost estimate
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CostEstimate:
+    runs: int  # grid + final runs of the sweep
+    done: int  # already finished
+    work: list[tuple[str, int, int]]  # (method label, epochs, training images) of each separate run to train
+    feature_images: int  # one-pass linear: images whose features are extracted (once)
+    seconds: float | None  # from the timing of finished runs, when there are any
+    timed_runs: int = 0
+
+    @property
+    def image_epochs(self) -> int:
+        return sum(e * n for _, e, n in self.work)
+
+
+def _split_size(cache: dict[tuple, int], data: dict[str, Any], split: str, fraction: float, seed: int) -> int:
+    """Images in ``split`` of a task (lazy: labels only), at ``fraction`` for ``seed``."""
+    key = (data["root"], data["format"], split, fraction, seed)
+    if key not in cache:
+        from vptune.backbones.base import Preprocessing
+        from vptune.data import DataConfig, open_split
+
+        dc = DataConfig(root=data["root"], format=data["format"], fraction=fraction, num_workers=0)
+        cache[key] = len(open_split(dc, split, Preprocessing(), train=False, seed=seed))
+    return cache[key]
+
+
+def _rate(results: Sequence[tuple[str, dict[str, Any]]]) -> tuple[dict[str, float], int]:
+    """Seconds per image-epoch by method label (key "" = all), from finished separate runs."""
+    sums: dict[str, list[float]] = {}
+    n = 0
+    for label, r in results:
+        work = (r.get("epochs") or 0) * ((r.get("data") or {}).get("n_train") or 0)
+        if r.get("one_pass") or not work or not r.get("wall_s"):
+            continue
+        n += 1
+        for key in (label, ""):
+            acc = sums.setdefault(key, [0.0, 0.0])
+            acc[0], acc[1] = acc[0] + float(r["wall_s"]), acc[1] + work
+    return {k: s / w for k, (s, w) in sums.items()}, n
+
+
+def _final_slots(spec: SweepSpec, grid: Sequence[Run]) -> list[tuple[Run, int, Path]]:
+    """(a grid run of the (task, method, fraction), seed, final folder) for every final run."""
+    firsts = {(g.task, g.method, g.fraction): g for g in reversed(grid)}.values()
+    return [(r, seed, method_dir(spec, r.task, r.method) / "final" / final_folder(seed, r.fraction))
+            for r in firsts for seed in spec.seeds]
+
+
+def estimate_cost(spec: SweepSpec, grid: Sequence[Run], states: dict[Path, str]) -> CostEstimate:
+    """Runs, the (epochs, images) of every separate run still to train, the feature images of one-pass
+    linear sweeps and, when finished runs give a timing, the seconds left. Final runs are counted with the
+    final split before selection; one counts as done when its folder holds a result."""
+    from vptune.engine.trainer import read_result
+
+    sizes: dict[tuple, int] = {}
+    work: list[tuple[str, int, int]] = []
+    finished: list[tuple[str, dict[str, Any]]] = []
+    features: set[tuple[str, str]] = set()
+    todo = [(r, r.seed, r.config["data"]["train_split"], None if states[r.folder] != "done" else r.folder)
+            for r in grid]
+    todo += [(r, seed, spec.splits.final, folder if read_result(folder) else None)
+             for r, seed, folder in _final_slots(spec, grid)]
+    for r, seed, split, done_folder in todo:
+        d = r.config["data"]
+        if done_folder is not None:
+            finished.append((r.method, read_result(done_folder) or {}))
+        elif r.one_pass:
+            features.add((d["root"], d["format"]))
+        else:
+            work.append((r.method, r.config["optim"]["epochs"], _split_size(sizes, d, split, r.fraction, seed)))
+    splits = (spec.splits.fit, spec.splits.select, spec.splits.final, spec.splits.test)
+    feature_images = sum(_split_size(sizes, {"root": root, "format": f}, s, 1.0, 0) for root, f in features
+                         for s in splits)
+    rates, timed = _rate(finished)
+    seconds = sum(e * n * rates.get(m, rates[""]) for m, e, n in work) if rates else None
+    return CostEstimate(len(todo), len(finished), work, feature_images, seconds, timed)
+
+
+def format_estimate(spec: SweepSpec, grid: Sequence[Run], est: CostEstimate) -> str:
+    """What the sweep will cost, printed before anything trains."""
+    lines = [(f"sweep {spec.name or spec.output}: {len(spec.tasks)} task(s) x {len(spec.methods)} method(s), "
+              f"{len(grid)} grid run(s) + {est.runs - len(grid)} final run(s) ({len(spec.seeds)} seed(s)); "
+              f"{est.done} already done, {est.runs - est.done} to train")]
+    if est.work:
+        epochs = sorted({e for _, e, _ in est.work})
+        images = sorted({n for _, _, n in est.work})
+        span = lambda v: str(v[0]) if len(v) == 1 else f"{v[0]}-{v[-1]}"
+        lines.append(f"cost: {len(est.work)} run(s) x {span(epochs)} epoch(s) x {span(images)} training images "
+                     f"= {est.image_epochs:,} image-epochs")
+    if est.feature_images:
+        lines.append(f"      + one-pass linear probe: features of {est.feature_images:,} images, computed once "
+                     "(then every head of a grid trains in one pass)")
+    if est.seconds is not None:
+        t = f"{est.seconds / 3600:.2f} h" if est.seconds >= 3600 else f"{est.seconds / 60:.1f} min"
+        lines.append(f"estimated time: {t} (from the timing of {est.timed_runs} finished run(s))")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------
+# execution: jobs, an environment per worker, backends
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """What a backend executes: one run through the trainer, or the runs of one linear pass."""
+
+    runs: list[Run]
+
+    def describe(self) -> str:
+        r = self.runs[0]
+        if r.one_pass:
+            return f"{r.task}/{r.method}: {len(self.runs)} {r.stage} head(s) in one linear pass"
+        return f"{r.task}/{r.method}/{r.stage}/{r.folder.name}"
+
+
+class Env:
+    """A worker's means to execute jobs: the trainer (``train_fn``, default
+    :func:`vptune.engine.trainer.run_training`), backbones shared between runs, the feature cache.
+    ``trained`` lists the folders it trained, in order."""
+
+    def __init__(self, train_fn: Callable[..., dict[str, Any]] | None = None, backbone: Any = None,
+                 cache_dir: str | Path | None = None, progress: bool = True) -> None:
+        self.train_fn, self.backbone, self.cache_dir, self.progress = train_fn, backbone, cache_dir, progress
+        self.trained: list[str] = []
+        self._backbones: dict[str, Any] = {}
+
+    def backbone_for(self, cfg: Any) -> Any:
+        if self.backbone is not None:
+            return self.backbone
+        from vptune.engine.trainer import build_backbone
+
+        key = json.dumps(vars(cfg.backbone), sort_keys=True, default=str)
+        if key not in self._backbones:
+            self._backbones[key] = build_backbone(cfg)
+        return self._backbones[key]
+
+    def execute(self, job: Job) -> None:
+        from vptune.engine.config import config_diff, config_from_dict
+        from vptune.engine.trainer import clear_run, read_run_config, run_training
+
+        states = [run_state(r) for r in job.runs]
+        runs = [r for r, s in zip(job.runs, states) if s != "done"]
+        if not runs:
+            return
+        cfgs = [config_from_dict(r.config) for r in runs]
+        if runs[0].one_pass:
+            from vptune.engine.features import train_linear_runs
+
+            for r in runs:
+                clear_run(r.folder)
+            train_linear_runs(cfgs, self.backbone_for(cfgs[0]), self.cache_dir, progress=self.progress)
+        else:
+            run, state = runs[0], states[job.runs.index(runs[0])]
+            resume = state == "partial" and not config_diff(read_run_config(run.folder) or {}, run.config)
+            (self.train_fn or run_training)(cfgs[0], resume=resume, overwrite=state != "pending" and not resume,
+                                            backbone=self.backbone_for(cfgs[0]))
+        self.trained.extend(str(r.folder) for r in runs)
+
+
+class LocalBackend:
+    """Executes jobs one after another in this process."""
+
+    def __init__(self, env: Env, log: Callable[[str], None] = print) -> None:
+        self.env, self.log = env, log
+
+    def run(self, jobs: Sequence[Job]) -> None:
+        for i, job in enumerate(jobs, 1):
+            self.log(f"[{i}/{len(jobs)}] {job.describe()}")
+            self.env.execute(job)
+
+
+# name -> factory(env, log) of an object with ``run(jobs)`` that returns once every job has executed
+# (in any order: jobs passed together never depend on each other). Jobs are plain picklable data; a
+# fan-out backend ("ray", to come) ships them to workers that each build an ``Env()`` and call
+# ``env.execute(job)``. A backend module named ``vptune.engine.sweep_<name>`` that calls
+# :func:`register_backend` on import is found by name.
+BACKENDS: dict[str, Callable[..., Any]] = {"local": LocalBackend}
+
+
+def register_backend(name: str, factory: Callable[..., Any]) -> None:
+    """Make a backend available to sweeps as ``backend: <name>``."""
+    BACKENDS[name] = factory
+
+
+def backend_factory(name: str) -> Callable[..., Any]:
+    """The registered backend ``name`` (importing ``vptune.engine.sweep_<name>`` when needed)."""
+    if name not in BACKENDS and name.isidentifier():
+        import importlib
+
+        try:
+            importlib.import_module(f"vptune.engine.sweep_{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"vptune.engine.sweep_{name}":
+                raise VptuneError(f"backend {name!r} needs {e.name!r}, which is not installed") from None
+    check_choice("sweep backend", name, sorted(BACKENDS))
+    return BACKENDS[name]
+
+
+def make_jobs(runs: Sequence[Run], states: dict[Path, str]) -> list[Job]:
+    """Jobs for the runs not yet done: one-pass linear runs grouped per (task, method, fraction, stage),
+    first (they are cheap); every other run alone."""
+    passes: dict[tuple, list[Run]] = {}
+    single: list[Job] = []
+    for r in runs:
+        if states[r.folder] == "done":
+            continue
+        if r.one_pass:
+            passes.setdefault((r.task, r.method, r.fraction, r.stage), []).append(r)
+        else:
+            single.append(Job([r]))
+    return [Job(v) for v in passes.values()] + single
+
+
+# ------------------------------------------------------------------------------------------------------
+# the sweep
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepOutcome:
+    grid: list[Run]
+    final: list[Run]
+    choices: dict[tuple[str, str, float], GridScore]
+    trained: list[str]  # folders trained by this call
+    estimate: CostEstimate
+
+
+def _check_stale(runs: Sequence[Run], states: dict[Path, str], overwrite: bool) -> None:
+    from vptune.engine.config import config_diff
+    from vptune.engine.trainer import read_result
+
+    stale = [r for r in runs if states[r.folder] == "stale"]
+    if stale and not overwrite:
+        diff = config_diff((read_result(stale[0].folder) or {}).get("config") or {}, stale[0].config)
+        raise VptuneError(f"{len(stale)} finished run(s) hold another config than this sweep plans (e.g. "
+                          f"{stale[0].folder}: {', '.join(diff[:6])} differ); pass --overwrite-stale to retrain "
+                          "them, or choose another output")
+
+
+def run_sweep(spec: SweepSpec, *, backend: str | None = None, env: Env | None = None, dry_run: bool = False,
+              overwrite_stale: bool = False, log: Callable[[str], None] = print) -> SweepOutcome:
+    """Plan, print the cost, train the grid, select on val, train the finals; skip every finished run."""
+    grid = plan_grid(spec)
+    states = {r.folder: run_state(r) for r in grid}
+    _check_stale(grid, states, overwrite_stale or dry_run)
+    est = estimate_cost(spec, grid, states)
+    log(format_estimate(spec, grid, est))
+    env = env or Env()
+    if dry_run:
+        stale = sum(s == "stale" for s in states.values())
+        if stale:
+            log(f"{stale} finished grid run(s) hold another config (a real run needs --overwrite-stale)")
+        return SweepOutcome(grid, [], {}, [], est)
+    env.cache_dir = env.cache_dir or spec.cache_dir
+    runner = backend_factory(backend or spec.backend)(env, log)
+    runner.run(make_jobs(grid, states))
+    choices = select_all(spec, grid)
+    final = plan_final(spec, choices)
+    fstates = {r.folder: run_state(r) for r in final}
+    _check_stale(final, fstates, overwrite_stale)
+    runner.run(make_jobs(final, fstates))
+    log(format_summary(choices, final))
+    return SweepOutcome(grid, final, choices, list(env.trained), est)
+
+
+def format_summary(choices: dict[tuple[str, str, float], GridScore], final: Sequence[Run]) -> str:
+    """One line per (task, method, fraction): the choice, its val top-1 and the final test top-1."""
+    import statistics
+
+    from vptune.engine.trainer import read_result
+
+    lines = [f"{'task':<20} {'method':<14} {'frac':>5} {'lr':>7} {'wd':>7} {'p':>4} {'val':>7}  test top-1"]
+    for (task, method, frac), c in choices.items():
+        tests = [float(((read_result(r.folder) or {}).get("test") or {}).get("top1", math.nan)) for r in final
+                 if (r.task, r.method, r.fraction) == (task, method, frac)]
+        tests = [t for t in tests if not math.isnan(t)]
+        sd = statistics.stdev(tests) if len(tests) > 1 else 0.0
+        shown = f"{statistics.mean(tests):.2f} ± {sd:.2f} (n={len(tests)})" if tests else "-"
+        lines.append(f"{task:<20} {method:<14} {fmt(frac):>5} {fmt(c.lr):>7} {fmt(c.wd):>7} "
+                     f"{c.num_tokens if c.num_tokens is not None else '-':>4} {c.val_top1:>7.2f}  {shown}")
+    return "\n".join(lines)

@@ -17,3 +17,5 @@ def create_backbone(*args, **kwargs):  # noqa: ANN002, ANN003
 
 __all__ = ["TunedModel", "VptuneError", "__version__", "create_backbone", "create_model", "list_backbones",
            "list_methods"]
+
+from vptune.multitask import MultiTaskModel  # noqa: E402,F401

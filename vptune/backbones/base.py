@@ -7,6 +7,15 @@ tensors (and, for adapters, a per-block module); they never slice token sequence
 Prompt rule (VPT paper, Sec. 3.2): the prompts given to ``run_block(i, ...)`` are inserted when the
 sequence holds none yet, and *replace* the previous block's prompt outputs when it does (VPT-deep).
 ``prompts=None`` lets whatever prompts are there flow on (VPT-shallow after block 0).
+
+Mixed batches (one pass for samples of many tasks, :mod:`vptune.multitask`): ``prompts`` is (B, p, d)
+padded to the longest task's p, ``Tokens.prompt_mask`` (B, p) marks the real slots (the caller sets it
+on the ``Tokens`` before ``run_block``; a False slot is never attended to), and the optional keyword
+``prompt_replace`` (B,) bool says per sample whether the given prompts replace the prompt outputs the
+sequence holds (True) or are ignored so that this sample's prompts flow on (False, a VPT-shallow sample
+beside VPT-deep ones). When the sequence holds no prompts yet, every sample's prompts are inserted and
+``prompt_replace`` is ignored. ``prompt_replace=None`` means all True (the single-task rule above).
+With ``location='add'``, False leaves that sample's patch tokens unchanged.
 """
 
 from __future__ import annotations
@@ -92,10 +101,13 @@ class Backbone(nn.Module):
         *,
         location: str = "prepend",
         ffn_adapter: nn.Module | None = None,
+        prompt_replace: Tensor | None = None,
     ) -> Tokens:
         """Run block ``i``. ``prompts`` is (p, d) or (B, p, d); see the module docstring for the rule.
         ``location='add'`` adds (p == number of patches) prompts to the patch tokens instead.
-        ``ffn_adapter`` (Pfeiffer placement) maps the FFN output h to h + adapter(h)."""
+        ``ffn_adapter`` (Pfeiffer placement) maps the FFN output h to h + adapter(h).
+        ``prompt_replace`` (B,) bool: per-sample replace (True) or flow on (False); see the module
+        docstring (mixed batches)."""
         raise NotImplementedError
 
     def pool(self, tokens: Tokens, mode: str | None = None) -> Tensor:

@@ -161,7 +161,9 @@ def sincos_pos_embed(dim: int, grid: tuple[int, int], temperature: float = 10000
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
     out_w = xx.flatten()[:, None] * omega[None]  # (N, d/4)
     out_h = yy.flatten()[:, None] * omega[None]
-    pe = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)  # (N, d)
+    # MoCo-v3 (vits.py) builds meshgrid(grid_w, grid_h) with "ij" indexing, so its first half ("out_w")
+    # varies with the row (slow) index of the raster order: row terms first, to match its checkpoints.
+    pe = torch.cat([out_h.sin(), out_h.cos(), out_w.sin(), out_w.cos()], dim=1)  # (N, d)
     return torch.cat([torch.zeros(1, dim), pe], dim=0)[None]
 
 
@@ -232,22 +234,30 @@ class VisionTransformer(Backbone):
         return Tokens(x=x, num_prompts=0, grid=grid)
 
     def run_block(self, i: int, tokens: Tokens, prompts: Tensor | None = None, *, location: str = "prepend",
-                  ffn_adapter: nn.Module | None = None) -> Tokens:
+                  ffn_adapter: nn.Module | None = None, prompt_replace: Tensor | None = None) -> Tokens:
         if prompts is not None:
-            tokens = self._place_prompts(tokens, prompts, location)
+            tokens = self._place_prompts(tokens, prompts, location, prompt_replace)
         x = self.blocks[i](tokens.x, self._attn_mask(tokens), ffn_adapter)
         return replace(tokens, x=x)
 
-    def _place_prompts(self, tokens: Tokens, prompts: Tensor, location: str) -> Tokens:
+    def _place_prompts(self, tokens: Tokens, prompts: Tensor, location: str,
+                       prompt_replace: Tensor | None = None) -> Tokens:
         x, p_old = tokens.x, tokens.num_prompts
         P = expand_prompts(prompts.to(x.dtype), x.shape[0])  # (B, p, d)
         if location == "prepend":  # insert after [CLS], or overwrite the previous block's prompt outputs
+            if prompt_replace is not None and p_old:  # per sample: replace (True) or let flow on (False)
+                if P.shape[1] != p_old:
+                    raise VptuneError(f"prompt_replace needs as many prompts ({P.shape[1]}) as the sequence "
+                                      f"holds ({p_old})")
+                P = torch.where(prompt_replace.view(-1, 1, 1), P, x[:, 1:1 + p_old])
             x = torch.cat([x[:, :1], P, x[:, 1 + p_old:]], dim=1)  # (B, 1+p+N, d)
             return replace(tokens, x=x, num_prompts=P.shape[1])
         if location == "add":  # add element-wise to the patch tokens; the sequence length stays
             n = x.shape[1] - 1 - p_old
             if P.shape[1] != n:
                 raise VptuneError(f"location='add' needs one prompt per patch ({n}), got {P.shape[1]}")
+            if prompt_replace is not None:  # per sample: add (True) or leave the patch tokens (False)
+                P = P * prompt_replace.view(-1, 1, 1).to(P.dtype)
             return replace(tokens, x=torch.cat([x[:, :1 + p_old], x[:, 1 + p_old:] + P], dim=1))
         raise VptuneError(f"unknown prompt location {location!r}; valid choices: prepend, add")
 

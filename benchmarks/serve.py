@@ -1,0 +1,352 @@
+"""Benchmark: one backbone serving many tasks (issue 7).
+
+1. Throughput of one mixed batch over K = 1, 4, 16 tasks (``MultiTaskModel``: one shared backbone pass)
+   against running each task's samples separately (one ``TunedModel`` call per task).
+2. Latency p50/p99 of the HTTP server (``vptune.serve``, in a child process) under a bounded load test
+   from this process over loopback, with the error count.
+
+    .venv/bin/python benchmarks/serve.py [--size 112] [--batch 32] [--requests 200] [--concurrency 8]
+
+Backbone: ViT-Ti/16 -- the real Tiny-ImageNet checkpoint when ``VPTUNE_ASSETS`` is set, else random
+weights (timings do not depend on the values). Tasks are freshly initialised VPT-deep/VPT-shallow
+tasks of mixed prompt lengths plus linear probes (trained values do not change timings). Results go to
+``benchmarks/results/serve.json`` and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vptune import create_model  # noqa: E402
+from vptune.multitask import MultiTaskModel  # noqa: E402
+
+# cycled over the K tasks: (method, prompt length)
+TASK_CYCLE = [
+    ("vpt-deep", 10),
+    ("vpt-shallow", 5),
+    ("linear", 0),
+    ("vpt-deep", 50),
+    ("vpt-shallow", 1),
+    ("vpt-deep", 1),
+    ("linear", 0),
+    ("vpt-shallow", 50),
+]
+
+
+def weights_path() -> Path | None:
+    root = os.environ.get("VPTUNE_ASSETS")
+    if not root:
+        return None
+    p = Path(root) / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k_ft_tinyimagenet"
+    return p if p.is_dir() else None
+
+
+def make_backbone(size: int):
+    from vptune.backbones import create_backbone
+
+    w = weights_path()
+    if w is not None:
+        return create_backbone(weights=w, input_size=size).eval(), f"ViT-Ti/16 ({w.name})"
+    torch.manual_seed(0)
+    return create_backbone("vit_tiny_patch16_224", input_size=size).eval(), "ViT-Ti/16 (random weights)"
+
+
+def make_tasks(backbone, root: Path, k: int) -> dict[str, Path]:
+    out = {}
+    for j in range(k):
+        method, p = TASK_CYCLE[j % len(TASK_CYCLE)]
+        opts = {"num_tokens": p} if method.startswith("vpt") else {}
+        torch.manual_seed(100 + j)
+        model = create_model(backbone, method, 10 + j, **opts)
+        name = f"t{j:02d}_{method.replace('vpt-', '')}{p or ''}"
+        out[name] = model.save_pretrained(root / name)
+    return out
+
+
+def bench_pair(fa, fb, reps: int) -> tuple[float, float]:
+    """Median seconds of ``fa`` and ``fb``, measured interleaved (a, b, a, b, ...) so that load from
+    other processes hits both alike."""
+    fa(), fb()  # warm-up
+    ta, tb = [], []
+    for _ in range(reps):
+        for f, out in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def throughput(backbone, root: Path, size: int, batch: int, reps: int) -> list[dict]:
+    rows = []
+    for k in (1, 4, 16):
+        dirs = make_tasks(backbone, root / f"k{k}", k)
+        mt = MultiTaskModel(backbone)
+        for name, d in dirs.items():
+            mt.add_task(name, d)
+        names = [list(dirs)[b % k] for b in range(batch)]
+        x = torch.randn(batch, 3, size, size)
+        by_task = {n: [b for b, t in enumerate(names) if t == n] for n in dirs}
+
+        def mixed():
+            with torch.inference_mode():
+                mt(x, names)
+
+        def separate():
+            with torch.inference_mode():
+                for n, idx in by_task.items():
+                    mt.tasks[n].model(x[idx])
+
+        t_mixed, t_sep = bench_pair(mixed, separate, reps)
+        rows.append(
+            {
+                "K": k,
+                "batch": batch,
+                "mixed_s": t_mixed,
+                "separate_s": t_sep,
+                "mixed_img_per_s": batch / t_mixed,
+                "separate_img_per_s": batch / t_sep,
+                "speedup": t_sep / t_mixed,
+                "max_prompts": max(e.num_prompts for e in mt.tasks.values()),
+            }
+        )
+        print(f"  K={k}: mixed {batch / t_mixed:.1f} img/s, separate {batch / t_sep:.1f} img/s", flush=True)
+    return rows
+
+
+# --- HTTP load test -----------------------------------------------------------------------------------
+def child_server(args: argparse.Namespace) -> None:
+    from vptune.serve import ServeConfig, run_server
+
+    torch.set_num_threads(args.threads)
+    backbone, _ = make_backbone(args.size)
+    mt = MultiTaskModel(backbone)
+    for d in sorted(Path(args.tasks_dir).iterdir()):
+        mt.add_task(d.name, d)
+    cfg = ServeConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms)
+    run_server(mt, cfg, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_bytes(seed: int, side: int = 160) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+        buf, "PNG"
+    )
+    return buf.getvalue()
+
+
+def http_load(args: argparse.Namespace, root: Path, backbone) -> dict:
+    import httpx
+
+    tasks_dir = root / "http_tasks"
+    dirs = make_tasks(backbone, tasks_dir, args.http_tasks)
+    port = free_port()
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child-server",
+        "--port",
+        str(port),
+        "--tasks-dir",
+        str(tasks_dir),
+        "--size",
+        str(args.size),
+        "--threads",
+        str(args.threads),
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        with httpx.Client(base_url=base, timeout=60) as client:
+            while True:
+                try:
+                    if client.get("/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"server did not start: {proc.stderr.read() if proc.stderr else ''}")
+                time.sleep(0.2)
+            images = [png_bytes(i) for i in range(16)]
+            names = list(dirs)
+            for n in names:  # warm-up: one request per task
+                client.post(f"/v1/tasks/{n}/predict", files={"file": ("x.png", images[0], "image/png")})
+
+            latencies: list[float] = []
+            errors = 0
+            stop_at = time.time() + args.max_seconds
+
+            def one(i: int) -> tuple[float, bool]:
+                if time.time() > stop_at:
+                    return -1.0, True
+                t0 = time.perf_counter()
+                try:
+                    r = client.post(
+                        f"/v1/tasks/{names[i % len(names)]}/predict",
+                        files={"file": ("x.png", images[i % len(images)], "image/png")},
+                    )
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                return time.perf_counter() - t0, ok
+
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                results = list(pool.map(one, range(args.requests)))
+            wall = time.perf_counter() - t0
+            skipped = sum(1 for lat, _ in results if lat < 0)
+            for lat, ok in results:
+                if lat < 0:
+                    continue
+                latencies.append(lat)
+                errors += 0 if ok else 1
+            metrics = client.get("/metrics").text
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    bs_sum = _metric(metrics, "vptune_batch_size_sum")
+    bs_count = _metric(metrics, "vptune_batch_size_count")
+    lat = np.array(latencies) * 1000
+    return {
+        "tasks": len(names),
+        "requests": len(latencies),
+        "skipped_over_time": skipped,
+        "concurrency": args.concurrency,
+        "errors": errors,
+        "wall_s": wall,
+        "req_per_s": len(latencies) / wall,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p90_ms": float(np.percentile(lat, 90)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "mean_batch_size": bs_sum / bs_count if bs_count else 0.0,
+        "max_batch_size": args.max_batch_size,
+        "max_wait_ms": args.max_wait_ms,
+    }
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=112, help="input side (default 112)")
+    ap.add_argument("--batch", type=int, default=32, help="mixed batch size for the throughput part")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--requests", type=int, default=200, help="HTTP requests in the load test (bounded)")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-seconds", type=float, default=90.0, help="stop issuing requests after this long")
+    ap.add_argument("--http-tasks", type=int, default=4)
+    ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared 2-core machine 2 threads ran ~5x slower)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
+    ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--child-server", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--tasks-dir", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child_server:
+        child_server(args)
+        return
+
+    torch.set_num_threads(args.threads)
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": args.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg(),
+    }
+    print(
+        f"# vptune serve benchmark\n\ncommand: `{command}`\nmachine: {env['cpu']}, {env['cores']} cores "
+        f"(torch threads {args.threads}), load average {env['load_average_at_start']}\ndate: {env['date']}\n",
+        flush=True,
+    )
+    backbone, desc = make_backbone(args.size)
+    env["backbone"], env["input_size"] = desc, args.size
+    print(f"backbone: {desc}, input {args.size}x{args.size}\n", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        rows = throughput(backbone, root, args.size, args.batch, args.reps)
+        http = None if args.skip_http else http_load(args, root, backbone)
+    result = {"env": env, "throughput": rows, "http": http, "task_cycle": TASK_CYCLE}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    print("\n## Mixed batch vs each task separately (batch %d, %dx%d)\n" % (args.batch, args.size, args.size))
+    print("| K tasks | max prompts | mixed (img/s) | separate (img/s) | speed-up |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['K']} | {r['max_prompts']} | {r['mixed_img_per_s']:.1f} | {r['separate_img_per_s']:.1f} "
+            f"| {r['speedup']:.2f}x |"
+        )
+    if http:
+        print(
+            f"\n## HTTP server ({http['tasks']} tasks, max batch {http['max_batch_size']}, "
+            f"max wait {http['max_wait_ms']} ms, {http['concurrency']} concurrent clients, other process)\n"
+        )
+        print("| requests | errors | req/s | p50 (ms) | p90 (ms) | p99 (ms) | mean batch |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print(
+            f"| {http['requests']} | {http['errors']} | {http['req_per_s']:.1f} | {http['p50_ms']:.1f} | "
+            f"{http['p90_ms']:.1f} | {http['p99_ms']:.1f} | {http['mean_batch_size']:.2f} |"
+        )
+    print(f"\nresults: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

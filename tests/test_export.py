@@ -1,0 +1,129 @@
+"""ONNX export: one backbone graph (prompts as inputs) for every prompt task, checked with onnxruntime."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx", reason="the 'onnx' extra (onnx) is not installed: pip install 'vptune[onnx]'")
+pytest.importorskip(
+    "onnxruntime", reason="the 'onnx' extra (onnxruntime) is not installed: pip install 'vptune[onnx]'"
+)
+
+import vptune  # noqa: E402
+from vptune import create_model  # noqa: E402
+from vptune.backbones.vit import VisionTransformer, ViTConfig  # noqa: E402
+from vptune.errors import VptuneError  # noqa: E402
+from vptune.export import OnnxMultiTask, export_onnx  # noqa: E402
+from vptune.multitask import MultiTaskModel  # noqa: E402
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster, and far faster when other processes load the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+SPECS = {
+    "shallow3": ("vpt-shallow", 3, dict(num_tokens=3)),
+    "deep5": ("vpt-deep", 5, dict(num_tokens=5, pool="prompt_mean")),
+    "late2": ("vpt-deep", 2, dict(num_tokens=2, deep_layers=-1, pool="image_mean")),
+    "lin": ("linear", 4, {}),
+    "mlp": ("mlp-2", 3, {}),
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    backbone = VisionTransformer(ViTConfig(**TINY)).eval()
+    root = tmp_path_factory.mktemp("export")
+    mt = MultiTaskModel(backbone)
+    for name, (method, nc, opts) in SPECS.items():
+        m = create_model(backbone, method, nc, **opts)
+        with torch.no_grad():
+            for _, p in m.trainable_parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        m.save_pretrained(root / "tasks" / name)
+        mt.add_task(name, root / "tasks" / name)
+    manifest = export_onnx(mt, root / "onnx")
+    return backbone, mt, root, manifest
+
+
+def test_manifest_and_files(exported):
+    _, _, root, manifest = exported
+    out = root / "onnx"
+    assert (out / "backbone.onnx").is_file()
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["verification"]["max_abs_diff"] <= 1e-4
+    assert set(on_disk["tasks"]) == set(SPECS)
+    for t in on_disk["tasks"].values():
+        assert (out / t["head"]).is_file() and (out / t["prompts"]).is_file()
+    with np.load(out / on_disk["tasks"]["shallow3"]["prompts"]) as z:
+        assert z["prompts"].shape == (2, 3, 32) and z["replace"].tolist() == [True, False]
+    with np.load(out / on_disk["tasks"]["late2"]["prompts"]) as z:
+        assert z["replace"].tolist() == [False, True]
+
+
+def test_onnx_matches_each_tuned_model(exported):
+    backbone, _, root, _ = exported
+    runner = OnnxMultiTask(root / "onnx")
+    names = ["lin", "deep5", "shallow3", "late2", "mlp", "deep5", "lin"]  # batch 7 (exported with 2)
+    x = torch.randn(len(names), 3, 32, 32)
+    got = runner.predict(x.numpy(), names)
+    for b, name in enumerate(names):
+        model = vptune.TunedModel.from_pretrained(root / "tasks" / name, backbone=backbone).eval()
+        with torch.no_grad():
+            ref = model(x[b : b + 1])[0].numpy()
+        np.testing.assert_allclose(got[b], ref, atol=1e-4, rtol=0, err_msg=name)
+    # a batch whose longest task has fewer prompt slots than at export time (dynamic slot axis)
+    got = runner.predict(x[:3].numpy(), ["shallow3", "lin", "shallow3"])
+    assert got[1].shape == (4,)
+
+
+def test_weight_changing_task_is_refused(exported, tmp_path):
+    backbone, mt, root, _ = exported
+    create_model(backbone, "bias", 2).save_pretrained(tmp_path / "bias")
+    mt2 = MultiTaskModel(backbone)
+    mt2.add_task("bias", tmp_path / "bias")
+    with pytest.raises(VptuneError, match="cannot use the shared prompt graph"):
+        export_onnx(mt2, tmp_path / "out", verify=False)
+
+
+def test_cli_export(exported, tmp_path):
+    from safetensors.torch import save_file
+
+    from vptune.cli import main
+
+    backbone, _, root, _ = exported
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(weights))
+    opts = [f"--backbone-option={k}={v}" for k, v in TINY.items()]
+    rc = main(
+        [
+            "export",
+            "--format",
+            "onnx",
+            "--backbone",
+            "vit_tiny_patch16_224",
+            "--weights",
+            str(weights),
+            *opts,
+            "--task",
+            f"a={root / 'tasks' / 'deep5'}",
+            "--task",
+            str(root / "tasks" / "lin"),
+            "--out",
+            str(tmp_path / "cli"),
+        ]
+    )
+    assert rc == 0
+    assert set(json.loads((tmp_path / "cli" / "manifest.json").read_text())["tasks"]) == {"a", "lin"}

@@ -1,0 +1,730 @@
+"""Speed and memory of every vptune method, side by side in one run (issue 5, item 3).
+
+    python benchmarks/speed.py                                   # ViT-Ti and ViT-B/16, all methods, CPU
+    python benchmarks/speed.py --backbones vit_tiny_patch16_224 --steps 2 --warmup 1 --ablation
+
+For each backbone x method it measures
+  * training images/s: one step = forward + cross-entropy + backward + optimizer step (the method's own
+    optimiser, ``model.method.optimizer``: SGD or AdamW, over the trainable parameters only);
+  * peak memory of training: on CPU the peak resident set size above the baseline taken after the
+    model, optimiser and batch exist (each configuration in a fresh subprocess of this script,
+    ``--single``, because a process's peak RSS only grows); on CUDA ``torch.cuda.max_memory_allocated``
+    above ``memory_allocated`` at the same point;
+  * inference images/s under ``torch.inference_mode()`` (eval mode; "linear" is the plain backbone plus
+    a linear head).
+Timings are interleaved: every round runs one step of every method (the order rotates each round) and
+the median over rounds is reported, so that a noisy shared machine slows every method alike. Ratios
+are against full fine-tuning measured in the same run.
+
+VPT uses p=50 prompt tokens (the paper's most common setting for ViT-B, e.g. its Table/Fig. on cost), set
+with ``--num-tokens``. Weights are random (speed does not depend on their values).
+
+``--ablation`` records what each optimisation in vptune buys, each as a ratio optimised / baseline
+measured side by side in one process (memory in subprocesses): (a) SDPA vs explicit softmax(QK^T)V,
+(b) inference_mode vs no_grad vs grad-enabled eval, (c) frozen backbone (requires_grad=False) vs all
+weights requiring grad with only the prompts in the optimiser, (d) torch.compile (time-boxed, in a
+subprocess, compile time apart), (e) gradient checkpointing (memory saved, time paid), (f) bf16 autocast
+(on CUDA; on CPU with --ablation-bf16), (g) a proposal not in vptune yet: VPT-deep computes only keys
+and values for its prompts, because every block's prompt outputs are discarded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch
+import torch.nn.functional as F
+
+import vptune
+from vptune.backbones import vit as vit_mod
+from vptune.backbones.vit import VIT_CONFIGS, VisionTransformer
+
+DEFAULT_BACKBONES = "vit_tiny_patch16_224,vit_base_patch16_224"
+DEFAULT_METHODS = "linear,full,partial-1,mlp-3,sidetune,bias,adapter,vpt-shallow,vpt-deep"
+ABLATION_ITEMS = ("attention", "grad_mode", "frozen", "compile", "checkpointing", "bf16", "proposal", "memory")
+SCHEMA_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# One benchmark configuration
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    backbone: str
+    method: str
+    kind: str = "train"  # train | infer
+    attention: str = "sdpa"  # sdpa (vptune) | explicit (reference softmax(QK^T)V)
+    frozen: bool = True  # False: every backbone weight requires grad, only the method's tensors train
+    checkpointing: bool = False
+    grad_mode: str = "inference_mode"  # infer only: inference_mode | no_grad | enabled
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    compile: bool = False
+    forward: str = "vptune"  # vptune | kv-prompts (proposal (g), vpt-deep only)
+
+    def label(self) -> str:
+        parts = [self.method, self.kind]
+        for f in dataclasses.fields(self):
+            if f.name in ("backbone", "method", "kind"):
+                continue
+            v = getattr(self, f.name)
+            if v != f.default:
+                parts.append(f"{f.name}={v}")
+        return " ".join(parts)
+
+
+def method_options(method: str, args: argparse.Namespace) -> dict[str, Any]:
+    return {"num_tokens": args.num_tokens} if method.startswith("vpt-") else {}
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """``"embed_dim=32,depth=2"`` -> {"embed_dim": 32, "depth": 2} (ints, floats or strings)."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (text or "").split(",")):
+        k, _, v = item.partition("=")
+        for cast in (int, float):
+            try:
+                out[k.strip()] = cast(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k.strip()] = v
+    return out
+
+
+_BACKBONES: dict[str, VisionTransformer] = {}
+
+
+def get_backbone(name: str, args: argparse.Namespace, device: torch.device) -> VisionTransformer:
+    if name not in _BACKBONES:
+        if name not in VIT_CONFIGS:
+            raise SystemExit(f"unknown backbone {name!r}; choose from {', '.join(VIT_CONFIGS)}")
+        cfg = dataclasses.replace(VIT_CONFIGS[name], **parse_overrides(args.vit_override))
+        torch.manual_seed(0)
+        _BACKBONES[name] = VisionTransformer(cfg, input_size=args.input_size).to(device).eval()
+    return _BACKBONES[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference implementations used by the ablation
+# --------------------------------------------------------------------------------------------------
+_SDPA_FORWARD = vit_mod.Attention.forward
+
+
+def explicit_attention_forward(self, x, attn_mask=None):
+    """timm's non-fused path: softmax(q k^T / sqrt(d_h)) v with the (B, h, N, N) matrix materialised."""
+    B, N, C = x.shape
+    hd = C // self.num_heads
+    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = (q * hd**-0.5) @ k.transpose(-2, -1)  # (B, h, N, N)
+    if attn_mask is not None:
+        attn = attn.masked_fill(~attn_mask, float("-inf"))
+    x = attn.softmax(dim=-1) @ v
+    return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+@contextlib.contextmanager
+def attention_impl(name: str):
+    vit_mod.Attention.forward = explicit_attention_forward if name == "explicit" else _SDPA_FORWARD
+    try:
+        yield
+    finally:
+        vit_mod.Attention.forward = _SDPA_FORWARD
+
+
+def kv_prompt_features(model: vptune.TunedModel, images: torch.Tensor) -> torch.Tensor:
+    """Proposal (g): VPT-deep where prompts only contribute keys and values.
+
+    In VPT-deep (prompts in every block, [CLS] or image-mean pooling) the outputs at the prompt slots are
+    thrown away: the next block overwrites them and the pool never reads them. So each block needs
+    queries, attention output, projection and FFN for [CLS]+patches only, and keys/values of its p prompts,
+    computed once per batch on the (p, d) prompt matrix and broadcast. Attention does not depend on the
+    order of keys, so the prompt keys go at the end. Same logits as ``model(images)`` up to rounding.
+    """
+    bb, m = model.backbone, model.method
+    tokens = bb.embed(images)
+    x = tokens.x  # (B, 1+N, d)
+    B, C = x.shape[0], x.shape[2]
+    for i, blk in enumerate(bb.blocks):
+        a = blk.attn
+        H = a.num_heads
+        hd = C // H
+        P = m.block_prompts(i, B)  # (p, d), shared by the batch
+        q, k, v = a.qkv(blk.norm1(x)).reshape(B, -1, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = a.qkv.bias[C:] if a.qkv.bias is not None else None
+        pk, pv = F.linear(blk.norm1(P), a.qkv.weight[C:], bias).reshape(-1, 2, H, hd).permute(1, 2, 0, 3).unbind(0)
+        k = torch.cat([k, pk.expand(B, -1, -1, -1)], dim=2)  # (B, H, 1+N+p, hd)
+        v = torch.cat([v, pv.expand(B, -1, -1, -1)], dim=2)
+        o = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1+N, hd)
+        x = x + a.proj(o.transpose(1, 2).reshape(B, -1, C))
+        x = x + blk.mlp(blk.norm2(x))
+    return bb.pool(dataclasses.replace(tokens, x=x, num_prompts=0), m.pool_mode)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building a runnable step
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Runner:
+    job: Job
+    model: vptune.TunedModel
+    step: Callable[[], None]
+    cleanup: Callable[[], None]
+    optimizer: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_runner(job: Job, args: argparse.Namespace, device: torch.device) -> Runner:
+    backbone = get_backbone(job.backbone, args, device)
+    torch.manual_seed(1)
+    model = vptune.create_model(backbone, job.method, args.num_classes, **method_options(job.method, args))
+    if not job.frozen:  # the naive variant: a private backbone copy with every weight requiring grad
+        model.backbone = copy.deepcopy(model.backbone)
+        for p in model.backbone.parameters():
+            p.requires_grad_(True)
+    model.gradient_checkpointing = job.checkpointing
+    model.to(device)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=g).to(device)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
+    if job.forward == "kv-prompts":
+        def fwd(images):
+            return model.head(kv_prompt_features(model, images))
+    else:
+        fwd = model
+    if job.compile:
+        fwd = torch.compile(fwd)
+    amp = lambda: autocast(job.precision, device)
+
+    if job.kind == "infer":
+        model.eval()
+        grad_ctx = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad,
+                    "enabled": contextlib.nullcontext}[job.grad_mode]
+
+        def step() -> None:
+            with attention_impl(job.attention), grad_ctx(), amp():
+                out = fwd(x)
+            del out
+
+        return Runner(job, model, step, lambda: None, extra={"batch": args.batch_size})
+
+    model.train()
+    params = [p for n, p in model.named_parameters() if n in model.trainable_names]
+    if model.method.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+    else:
+        opt = torch.optim.SGD(params, lr=1e-2, momentum=0.9, weight_decay=1e-4)
+
+    def step() -> None:
+        with attention_impl(job.attention):
+            model.zero_grad(set_to_none=True)  # every parameter: the naive variant computes them all
+            with amp():
+                loss = F.cross_entropy(fwd(x), y)
+            loss.backward()
+            opt.step()
+
+    def cleanup() -> None:  # between timed steps of other configurations: keep memory low
+        model.zero_grad(set_to_none=True)
+
+    return Runner(job, model, step, cleanup, optimizer=model.method.optimizer, extra={"batch": args.batch_size})
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(runner: Runner, device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    runner.step()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def interleaved(runners: list[Runner], steps: int, warmup: int, device: torch.device,
+                log: Callable[[str], None]) -> dict[Job, dict[str, Any]]:
+    """Round-robin: each round runs one step of every runner (order rotated each round)."""
+    first: dict[Job, float] = {}
+    times: dict[Job, list[float]] = {r.job: [] for r in runners}
+    n = len(runners)
+    for rnd in range(warmup + steps):
+        t_round = time.perf_counter()
+        for j in range(n):
+            r = runners[(j + rnd) % n]
+            dt = timed(r, device)
+            r.cleanup()
+            first.setdefault(r.job, dt)
+            if rnd >= warmup:
+                times[r.job].append(dt)
+        tag = "warmup" if rnd < warmup else "round"
+        log(f"  {tag} {rnd + 1 - (0 if rnd < warmup else warmup)}: {time.perf_counter() - t_round:.1f}s")
+    out = {}
+    for r in runners:
+        ts = times[r.job]
+        med = statistics.median(ts)
+        out[r.job] = {"ips": r_ips(r, med), "median_s": med, "step_s": ts, "first_step_s": first[r.job]}
+    return out
+
+
+def r_ips(runner: Runner, seconds: float) -> float:
+    return runner.extra.get("batch", 0) / seconds if seconds > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: one configuration per fresh process
+# --------------------------------------------------------------------------------------------------
+def _status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to /proc/self/clear_refs resets the peak RSS (VmHWM) to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_single(job: Job, args: argparse.Namespace) -> dict[str, Any]:
+    """Peak memory of ``args.memory_steps`` steps of ``job`` above the baseline after model creation."""
+    device = torch.device(args.device)
+    runner = build_runner(job, args, device)
+    _BACKBONES.clear()  # a weight-changing method holds its own copy: drop the shared original
+    gc.collect()
+    res: dict[str, Any] = {"job": dataclasses.asdict(job)}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        ts = [timed(runner, device) for _ in range(args.memory_steps)]
+        peak = torch.cuda.max_memory_allocated()
+        res.update(memory_source="torch.cuda.max_memory_allocated", baseline_mb=base / 2**20,
+                   peak_mb=peak / 2**20, delta_mb=(peak - base) / 2**20)
+    else:
+        base_kb = _status_kb("VmRSS") or 0
+        exact = _reset_peak_rss()
+        ts = [timed(runner, device) for _ in range(args.memory_steps)]
+        if exact and _status_kb("VmHWM") is not None:
+            peak_kb, source = _status_kb("VmHWM"), "VmHWM (reset via /proc/self/clear_refs)"
+        else:  # monotonic since process start: an upper bound on the baseline side
+            peak_kb, source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
+        res.update(memory_source=source, baseline_mb=base_kb / 1024, peak_mb=peak_kb / 1024,
+                   delta_mb=(peak_kb - base_kb) / 1024)
+    res["step_s"] = ts
+    return res
+
+
+def run_single_subprocess(job: Job, args: argparse.Namespace, timeout: float,
+                          log: Callable[[str], None]) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--single", json.dumps(dataclasses.asdict(job)),
+           "--batch-size", str(args.batch_size), "--input-size", str(args.input_size),
+           "--num-classes", str(args.num_classes), "--num-tokens", str(args.num_tokens),
+           "--device", args.device, "--memory-steps", str(args.memory_steps),
+           "--compile-steps", str(args.compile_steps)]
+    if args.vit_override:
+        cmd += ["--vit-override", args.vit_override]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT),
+                              check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f}s", "wall_s": time.perf_counter() - t0}
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {proc.returncode}: {' | '.join(tail)}", "wall_s": wall}
+    out = json.loads(lines[-1])
+    out["wall_s"] = wall
+    log(f"  [{job.backbone}] {job.label()}: {wall:.1f}s")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile probe (in a subprocess, so a hang or crash is time-boxed)
+# --------------------------------------------------------------------------------------------------
+def compile_single(job: Job, args: argparse.Namespace) -> dict[str, Any]:
+    """Eager vs compiled for one job in this process: compile time (first call) apart, then interleaved."""
+    device = torch.device(args.device)
+    eager = build_runner(dataclasses.replace(job, compile=False), args, device)
+    comp = build_runner(dataclasses.replace(job, compile=True), args, device)
+    t_compile = timed(comp, device)  # trace + compile + first run
+    t_second = timed(comp, device)  # a recompile can happen on the second call (e.g. grad mode)
+    res = interleaved([eager, comp], args.compile_steps, 1, device, lambda s: None)
+    return {"job": dataclasses.asdict(job), "compile_s": t_compile, "second_call_s": t_second,
+            "eager_ips": res[eager.job]["ips"], "compiled_ips": res[comp.job]["ips"],
+            "ratio": res[comp.job]["ips"] / res[eager.job]["ips"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Main benchmark
+# --------------------------------------------------------------------------------------------------
+def machine_info(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+                            "threads": torch.get_num_threads(), "python": platform.python_version()}
+    try:
+        info["load_avg_at_start"] = list(os.getloadavg())
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def git_commit() -> str | None:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10,
+                              check=False)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10, check=False)
+        sha = head.stdout.strip() or None
+        return f"{sha}-dirty" if sha and dirty.stdout.strip() else sha
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def bench_backbone(name: str, methods: list[str], args: argparse.Namespace, device: torch.device,
+                   log: Callable[[str], None]) -> list[dict[str, Any]]:
+    prec = args.precision
+    train = [build_runner(Job(name, m, "train", precision=prec, compile=args.compile), args, device)
+             for m in methods]
+    infer = [build_runner(Job(name, m, "infer", precision=prec, compile=args.compile), args, device)
+             for m in methods]
+    log(f"[{name}] training, {len(methods)} methods interleaved, {args.warmup}+{args.steps} rounds")
+    t_res = interleaved(train, args.steps, args.warmup, device, log)
+    log(f"[{name}] inference (torch.inference_mode)")
+    i_res = interleaved(infer, args.steps, args.warmup, device, log)
+    rows = []
+    for tr, ir in zip(train, infer):
+        m = tr.model
+        rows.append({
+            "backbone": name, "method": tr.job.method, "optimizer": tr.optimizer,
+            "options": method_options(tr.job.method, args),
+            "trainable_params": m.num_trainable_parameters(),
+            "trainable_pct": 100.0 * m.num_trainable_parameters() / m.num_backbone_parameters(),
+            "train_ips": t_res[tr.job]["ips"], "train_step_s": t_res[tr.job]["step_s"],
+            "train_first_step_s": t_res[tr.job]["first_step_s"],
+            "infer_ips": i_res[ir.job]["ips"], "infer_step_s": i_res[ir.job]["step_s"],
+            "infer_first_step_s": i_res[ir.job]["first_step_s"],
+        })
+    del train, infer
+    _BACKBONES.pop(name, None)
+    gc.collect()
+    if args.memory == "subprocess":
+        log(f"[{name}] peak training memory, one subprocess per method")
+        for row in rows:
+            mem = run_single_subprocess(Job(name, row["method"], "train", precision=prec), args,
+                                        args.memory_timeout, log)
+            row["peak_mb"] = mem.get("delta_mb")
+            row["peak_abs_mb"] = mem.get("peak_mb")
+            row["baseline_mb"] = mem.get("baseline_mb")
+            row["memory_source"] = mem.get("memory_source")
+            if "error" in mem:
+                row["memory_error"] = mem["error"]
+    full = next((r for r in rows if r["method"] == "full"), None)
+    for row in rows:
+        row["train_ratio_vs_full"] = row["train_ips"] / full["train_ips"] if full else None
+        row["infer_ratio_vs_full"] = row["infer_ips"] / full["infer_ips"] if full else None
+        fm, rm = (full or {}).get("peak_mb"), row.get("peak_mb")
+        row["memory_ratio_vs_full"] = rm / fm if fm and rm is not None else None
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Ablation
+# --------------------------------------------------------------------------------------------------
+def _ab(backbone: str, item: str, name: str, workload: str, metric: str, baseline: str, optimised: str,
+        b: float | None, o: float | None, note: str = "") -> dict[str, Any]:
+    ratio = o / b if (b and o is not None) else None
+    return {"backbone": backbone, "item": item, "name": name, "workload": workload, "metric": metric,
+            "baseline": baseline, "optimised": optimised, "baseline_value": b, "optimised_value": o,
+            "ratio": ratio, "note": note}
+
+
+def ablation_backbone(name: str, args: argparse.Namespace, device: torch.device,
+                      log: Callable[[str], None]) -> list[dict[str, Any]]:
+    skip = set(args.ablation_skip)
+    use_bf16 = "bf16" not in skip and (device.type == "cuda" or args.ablation_bf16)
+    vd = "vpt-deep"
+    T = Job(name, vd, "train")
+    train_jobs = [T]
+    if "attention" not in skip:
+        train_jobs.append(dataclasses.replace(T, attention="explicit"))
+    if "frozen" not in skip:
+        train_jobs.append(dataclasses.replace(T, frozen=False))
+    if "checkpointing" not in skip:
+        train_jobs.append(dataclasses.replace(T, checkpointing=True))
+    if use_bf16:
+        train_jobs.append(dataclasses.replace(T, precision="bf16"))
+    if "proposal" not in skip:
+        train_jobs.append(dataclasses.replace(T, forward="kv-prompts"))
+    I = Job(name, "linear", "infer")  # the plain backbone (+ a linear head)
+    V = Job(name, vd, "infer")
+    infer_jobs = [I, V]
+    if "attention" not in skip:
+        infer_jobs.append(dataclasses.replace(I, attention="explicit"))
+    if "grad_mode" not in skip:
+        infer_jobs += [dataclasses.replace(j, grad_mode=g) for j in (I, V) for g in ("no_grad", "enabled")]
+    if use_bf16:
+        infer_jobs.append(dataclasses.replace(I, precision="bf16"))
+    if "proposal" not in skip:
+        infer_jobs.append(dataclasses.replace(V, forward="kv-prompts"))
+
+    runners = [build_runner(j, args, device) for j in train_jobs + infer_jobs]
+    out: list[dict[str, Any]] = []
+    checks: dict[str, float] = {}
+    if "attention" not in skip or "proposal" not in skip:  # the reference paths compute the same logits
+        m = next(r.model for r in runners if r.job == V)
+        xb = torch.randn(2, 3, args.input_size, args.input_size, device=device)
+        with torch.inference_mode():
+            ref = m(xb)
+            with attention_impl("explicit"):
+                checks["explicit_attention_max_abs_diff"] = (m(xb) - ref).abs().max().item()
+            checks["kv_prompts_max_abs_diff"] = (m.head(kv_prompt_features(m, xb)) - ref).abs().max().item()
+    steps = args.ablation_steps or args.steps
+    log(f"[{name}] ablation: {len(train_jobs)} training and {len(infer_jobs)} inference configs interleaved")
+    res = interleaved(runners, steps, args.warmup, device, log)
+    ips = {j: res[j]["ips"] for j in res}
+    wl_t, wl_i, wl_v = f"{vd} train (p={args.num_tokens})", "plain backbone inference", \
+        f"{vd} inference (p={args.num_tokens})"
+
+    mem: dict[Job, float | None] = {}
+    if args.memory == "subprocess" and "memory" not in skip:
+        mem_jobs = [j for j in train_jobs if j.precision == "fp32"] + [V] + \
+            [dataclasses.replace(V, grad_mode=g) for g in ("no_grad", "enabled") if "grad_mode" not in skip]
+        log(f"[{name}] ablation memory, {len(mem_jobs)} subprocesses")
+        for j in mem_jobs:
+            mem[j] = run_single_subprocess(j, args, args.memory_timeout, log).get("delta_mb")
+
+    def both(item: str, title: str, base: Job, opt: Job, bl: str, ol: str, note: str = "") -> None:
+        wl = wl_t if base.kind == "train" else (wl_v if base.method == vd else wl_i)
+        out.append(_ab(name, item, title, wl, "img/s", bl, ol, ips[base], ips[opt], note))
+        if base in mem and opt in mem:
+            out.append(_ab(name, item, title, wl, "peak MB above baseline", bl, ol, mem[base], mem[opt], note))
+
+    if "attention" not in skip:
+        n = f"max |logit diff| {checks['explicit_attention_max_abs_diff']:.1e}"
+        both("a", "SDPA vs explicit softmax(QK^T)V", dataclasses.replace(T, attention="explicit"), T,
+             "explicit", "sdpa", n)
+        both("a", "SDPA vs explicit softmax(QK^T)V", dataclasses.replace(I, attention="explicit"), I,
+             "explicit", "sdpa", n)
+    if "grad_mode" not in skip:
+        for j in (I, V):
+            for g in ("no_grad", "enabled"):
+                note = "frozen weights: no graph is built even with grad enabled" if j is I and g == "enabled" \
+                    else ("prompts require grad: grad-enabled eval builds and keeps the graph" if g == "enabled"
+                          else "")
+                both("b", "inference_mode vs " + g, dataclasses.replace(j, grad_mode=g), j, g, "inference_mode",
+                     note)
+    if "frozen" not in skip:
+        both("c", "frozen backbone (requires_grad=False) vs all weights requiring grad",
+             dataclasses.replace(T, frozen=False), T, "requires_grad=True, prompts-only optimizer",
+             "requires_grad=False")
+    if "checkpointing" not in skip:
+        both("e", "gradient checkpointing (cost and saving)", T, dataclasses.replace(T, checkpointing=True),
+             "no checkpointing", "gradient_checkpointing=True",
+             "optimised here = checkpointing on: img/s ratio < 1 is its time cost, memory ratio < 1 its saving")
+    if use_bf16:
+        both("f", "bf16 autocast vs fp32", T, dataclasses.replace(T, precision="bf16"), "fp32", "bf16 autocast")
+        both("f", "bf16 autocast vs fp32", I, dataclasses.replace(I, precision="bf16"), "fp32", "bf16 autocast")
+    if "proposal" not in skip:
+        n = (f"NOT in vptune yet; max |logit diff| {checks['kv_prompts_max_abs_diff']:.1e}; prompt slots "
+             "get only keys/values (their outputs are discarded in VPT-deep)")
+        both("g", "proposal: VPT-deep prompts as keys/values only", T, dataclasses.replace(T, forward="kv-prompts"),
+             "vptune (cat + full block over prompts)", "kv-prompts", n)
+        both("g", "proposal: VPT-deep prompts as keys/values only", V, dataclasses.replace(V, forward="kv-prompts"),
+             "vptune (cat + full block over prompts)", "kv-prompts", n)
+    del runners
+    gc.collect()
+
+    if "compile" not in skip:
+        for j, wl in ((T, wl_t), (I, wl_i)):
+            log(f"[{name}] torch.compile probe ({j.label()}), time-boxed to {args.compile_timeout:.0f}s")
+            c = run_single_subprocess(dataclasses.replace(j, compile=True), args, args.compile_timeout, log)
+            if "error" in c:
+                out.append(_ab(name, "d", "torch.compile vs eager", wl, "img/s", "eager", "torch.compile",
+                               None, None, f"skipped: {c['error']}"))
+            else:
+                out.append(_ab(name, "d", "torch.compile vs eager", wl, "img/s", "eager", "torch.compile",
+                               c["eager_ips"], c["compiled_ips"],
+                               f"compile (first call) {c['compile_s']:.1f}s, second call {c['second_call_s']:.1f}s; "
+                               f"inductor on {device.type}"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------------
+def _f(v: Any, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    c = report["config"]
+    title = (f"Batch {c['batch_size']}, {c['input_size']}px, {c['device']} {c['precision']}"
+             f"{', torch.compile' if c['compile'] else ''}, VPT p={c['num_tokens']}; median of {c['steps']} "
+             f"interleaved rounds after {c['warmup']} warmup; {report['machine']['cpu']}, "
+             f"{report['machine']['threads']} threads, torch {report['machine']['torch']}.")
+    header = ("| backbone | method | trainable params | train img/s | ratio vs full | peak MB | memory ratio vs full "
+              "| infer img/s |")
+    lines = [title, "", header, "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        lines.append(f"| {r['backbone']} | {r['method']} | {r['trainable_params']:,} | {r['train_ips']:.2f} | "
+                     f"{_f(r['train_ratio_vs_full'], '.2f')} | {_f(r.get('peak_mb'), '.0f')} | "
+                     f"{_f(r['memory_ratio_vs_full'], '.2f')} | {r['infer_ips']:.2f} |")
+    if report.get("ablation"):
+        header = ("| backbone | item | what | workload | metric | baseline | optimised | baseline value "
+                  "| optimised value | ratio (opt/base) | note |")
+        lines += ["", header, "|---|---|---|---|---|---|---|---:|---:|---:|---|"]
+        for a in report["ablation"]:
+            lines.append(f"| {a['backbone']} | {a['item']} | {a['name']} | {a['workload']} | {a['metric']} | "
+                         f"{a['baseline']} | {a['optimised']} | {_f(a['baseline_value'], '.2f')} | "
+                         f"{_f(a['optimised_value'], '.2f')} | {_f(a['ratio'], '.3f')} | {a['note']} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--backbones", default=DEFAULT_BACKBONES)
+    p.add_argument("--methods", default=DEFAULT_METHODS)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--num-tokens", type=int, default=50, help="VPT prompt length p (paper: 50 for the cost study)")
+    p.add_argument("--steps", type=int, default=5, help="timed interleaved rounds (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (first call = compile)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--memory", default="subprocess", choices=("subprocess", "off"))
+    p.add_argument("--memory-steps", type=int, default=2, help="steps per memory subprocess (2: optimiser state exists)")
+    p.add_argument("--memory-timeout", type=float, default=1800)
+    p.add_argument("--ablation", action="store_true", help="also run the optimisation ablation")
+    p.add_argument("--ablation-only", action="store_true", help="run only the ablation")
+    p.add_argument("--ablation-backbones", default="vit_tiny_patch16_224")
+    p.add_argument("--ablation-steps", type=int, default=0, help="rounds for the ablation (0: --steps)")
+    p.add_argument("--ablation-skip", default="", type=lambda s: [x for x in s.split(",") if x],
+                   help=f"comma list of {','.join(ABLATION_ITEMS)}")
+    p.add_argument("--ablation-bf16", action="store_true", help="include bf16 autocast on CPU (slow without AMX)")
+    p.add_argument("--compile-timeout", type=float, default=900, help="time box of each torch.compile probe")
+    p.add_argument("--compile-steps", type=int, default=3)
+    p.add_argument("--vit-override", default="", help="ViTConfig overrides, e.g. embed_dim=32,depth=2 (tests)")
+    p.add_argument("--out", default="benchmarks/results/speed_{device}.json")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    bad = sorted(set(args.ablation_skip) - set(ABLATION_ITEMS))
+    if bad:
+        p.error(f"unknown --ablation-skip item(s) {bad}; valid: {', '.join(ABLATION_ITEMS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.single:  # child process: one memory measurement or one compile probe, JSON on stdout
+        job = Job(**json.loads(args.single))
+        res = compile_single(job, args) if job.compile else measure_single(job, args)
+        print(json.dumps(res))
+        return res
+    device = torch.device(args.device)
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    report: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "command": " ".join(["python", "benchmarks/speed.py"] + list(sys.argv[1:] if argv is None else argv)),
+        "machine": machine_info(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "config": {k: getattr(args, k) for k in ("batch_size", "input_size", "num_classes", "num_tokens", "steps",
+                                                 "warmup", "device", "precision", "compile", "memory",
+                                                 "memory_steps", "vit_override")},
+        "definitions": {
+            "train_ips": "images/s of forward + CE + backward + optimizer step, median over interleaved rounds",
+            "infer_ips": "images/s of eval-mode forward under torch.inference_mode",
+            "peak_mb": ("training peak memory above the baseline after model, optimiser and batch exist "
+                        "(CPU: VmHWM - VmRSS in a fresh process; CUDA: max_memory_allocated - memory_allocated)"),
+            "ratio": "ablation: optimised / baseline (img/s: > 1 faster; memory: < 1 smaller)",
+        },
+        "results": [],
+        "ablation": [],
+    }
+    out = Path(args.out.format(device=args.device))
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> str:  # after every backbone too, so a long run that is cut short keeps what it has
+        report["wall_s"] = time.perf_counter() - t0
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        md = markdown(report)
+        out.with_suffix(".md").write_text(md + "\n")
+        return md
+
+    if not args.ablation_only:
+        methods = [m for m in args.methods.split(",") if m]
+        for name in [b for b in args.backbones.split(",") if b]:
+            report["results"] += bench_backbone(name, methods, args, device, log)
+            save()
+    if args.ablation or args.ablation_only:
+        for name in [b for b in args.ablation_backbones.split(",") if b]:
+            report["ablation"] += ablation_backbone(name, args, device, log)
+            save()
+    md = save()
+    if not args.quiet:
+        print(md)
+        print(f"\nwrote {out} and {out.with_suffix('.md')} in {report['wall_s']:.0f}s", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()

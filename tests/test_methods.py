@@ -193,3 +193,33 @@ def test_gradient_checkpointing_matches(tiny_vit):
     model.gradient_checkpointing = True
     model(x).sum().backward()
     torch.testing.assert_close(model.method.prompts[0].grad, g1)
+
+
+@pytest.mark.parametrize("pool", [None, "image_mean"])
+def test_deep_prompts_as_keys_and_values_equal_the_full_sequence(tiny_vit, pool):
+    """VPT-deep skips computing prompt outputs that the next block discards; results are unchanged."""
+    x = torch.randn(3, 3, 32, 32)
+    model = vptune.create_model(tiny_vit, "vpt-deep", 4, num_tokens=5, pool=pool).eval()
+    assert not model.method.prompt_outputs_needed(0, 2)
+    with torch.no_grad():
+        fast = model.features(x)
+        tokens = tiny_vit.embed(x)
+        for i in range(tiny_vit.num_blocks):  # the plain path: prompts in the sequence, outputs computed
+            tokens = tiny_vit.run_block(i, tokens, model.method.block_prompts(i, 3))
+        slow = tiny_vit.pool(tokens, pool)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_outputs_are_kept_when_read(tiny_vit):
+    for method, opts in [("vpt-shallow", {}), ("vpt-deep", {"pool": "prompt_mean"}),
+                         ("vpt-deep", {"deep_layers": 1})]:
+        model = vptune.create_model(tiny_vit, method, 4, **opts)
+        assert model.method.prompt_outputs_needed(0, 2)
+
+
+def test_prompt_dropout_masks_differ_per_sample(tiny_vit):
+    model = vptune.create_model(tiny_vit, "vpt-deep", 4, num_tokens=20, dropout=0.5).train()
+    p = model.method.block_prompts(0, 2)
+    assert p.shape == (2, 20, 32) and not torch.equal(p[0] == 0, p[1] == 0)
+    model.eval()
+    assert model.method.block_prompts(0, 2).shape == (20, 32)

@@ -102,12 +102,16 @@ class Backbone(nn.Module):
         location: str = "prepend",
         ffn_adapter: nn.Module | None = None,
         prompt_replace: Tensor | None = None,
+        prompt_outputs: bool = True,
     ) -> Tokens:
         """Run block ``i``. ``prompts`` is (p, d) or (B, p, d); see the module docstring for the rule.
         ``location='add'`` adds (p == number of patches) prompts to the patch tokens instead.
         ``ffn_adapter`` (Pfeiffer placement) maps the FFN output h to h + adapter(h).
         ``prompt_replace`` (B,) bool: per-sample replace (True) or flow on (False); see the module
-        docstring (mixed batches)."""
+        docstring (mixed batches).
+        ``prompt_outputs=False`` tells the backbone that nobody reads this block's prompt outputs (the
+        next block replaces them and pooling ignores them), so it may skip computing them; the [CLS]
+        and patch outputs must be the same either way."""
         raise NotImplementedError
 
     def pool(self, tokens: Tokens, mode: str | None = None) -> Tensor:

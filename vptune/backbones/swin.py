@@ -359,7 +359,10 @@ class SwinTransformer(Backbone):
         return Tokens(x=self.pos_drop(x), num_prompts=0, grid=grid)
 
     def run_block(self, i: int, tokens: Tokens, prompts: Tensor | None = None, *, location: str = "prepend",
-                  ffn_adapter: nn.Module | None = None, prompt_replace: Tensor | None = None) -> Tokens:
+                  ffn_adapter: nn.Module | None = None, prompt_replace: Tensor | None = None,
+                  prompt_outputs: bool = True) -> Tokens:
+        # prompt_outputs=False (a hint that this block's prompt outputs will be discarded) is not used:
+        # Swin's prompts are averaged over windows and may be carried through patch merging.
         if not 0 <= i < len(self._where):
             raise VptuneError(f"block index {i} out of range; this Swin has {len(self._where)} blocks")
         s, b = self._where[i]

@@ -97,10 +97,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, kv_extra: Tensor | None = None) -> Tensor:
+        """``kv_extra`` ((1 or B), p, C), already normalised: extra tokens that are attended to but
+        produce no output (VPT-deep prompts whose outputs the next block discards)."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        if kv_extra is not None:
+            w, b = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
+            Bp, p = kv_extra.shape[:2]
+            kv = F.linear(kv_extra, w, b).reshape(Bp, p, 2, self.num_heads, C // self.num_heads)
+            kv = kv.permute(2, 0, 3, 1, 4).expand(-1, B, -1, -1, -1)  # (2, B, heads, p, head_dim)
+            k, v = torch.cat([k, kv[0]], dim=2), torch.cat([v, kv[1]], dim=2)  # (B, heads, N+p, hd)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, head_dim)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
@@ -143,8 +151,10 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, ffn_adapter: nn.Module | None = None) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask))
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, ffn_adapter: nn.Module | None = None,
+                kv_prompts: Tensor | None = None) -> Tensor:
+        kv = None if kv_prompts is None else self.norm1(kv_prompts)
+        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask, kv))
         h = self.mlp(self.norm2(x))
         if ffn_adapter is not None:  # Pfeiffer placement: adapter on the FFN output, inside the residual
             h = h + ffn_adapter(h)
@@ -234,11 +244,28 @@ class VisionTransformer(Backbone):
         return Tokens(x=x, num_prompts=0, grid=grid)
 
     def run_block(self, i: int, tokens: Tokens, prompts: Tensor | None = None, *, location: str = "prepend",
-                  ffn_adapter: nn.Module | None = None, prompt_replace: Tensor | None = None) -> Tokens:
+                  ffn_adapter: nn.Module | None = None, prompt_replace: Tensor | None = None,
+                  prompt_outputs: bool = True) -> Tokens:
+        if prompts is not None and not prompt_outputs and location == "prepend" and prompt_replace is None \
+                and tokens.prompt_mask is None:
+            return self._run_block_kv_prompts(i, tokens, prompts, ffn_adapter)
         if prompts is not None:
             tokens = self._place_prompts(tokens, prompts, location, prompt_replace)
         x = self.blocks[i](tokens.x, self._attn_mask(tokens), ffn_adapter)
         return replace(tokens, x=x)
+
+    def _run_block_kv_prompts(self, i: int, tokens: Tokens, prompts: Tensor,
+                              ffn_adapter: nn.Module | None) -> Tokens:
+        """Block i where the prompts only supply keys and values: their outputs would be replaced by
+        the next block's prompts (VPT-deep), so they are not computed. Attention does not depend on the
+        order of keys, so [CLS] and patch outputs equal the full ``[CLS, P, patches]`` computation."""
+        x, p_old = tokens.x, tokens.num_prompts
+        if p_old:
+            x = torch.cat([x[:, :1], x[:, 1 + p_old:]], dim=1)  # (B, 1+N, d): drop stale prompt outputs
+        P = prompts.to(x.dtype)
+        P = P.unsqueeze(0) if P.dim() == 2 else P  # (1 or B, p, d): K/V computed once when shared
+        x = self.blocks[i](x, None, ffn_adapter, kv_prompts=P)
+        return replace(tokens, x=x, num_prompts=0)
 
     def _place_prompts(self, tokens: Tokens, prompts: Tensor, location: str,
                        prompt_replace: Tensor | None = None) -> Tokens:

@@ -68,21 +68,28 @@ class Method(nn.Module):
         tokens = backbone.embed(images)
         for i in range(backbone.num_blocks):
             prompts, adapter = self.block_prompts(i, images.shape[0]), self.block_adapter(i)
-            tokens = _run_block(backbone, i, tokens, prompts, self.location, adapter, checkpointing)
+            tokens = _run_block(backbone, i, tokens, prompts, self.location, adapter, checkpointing,
+                                self.prompt_outputs_needed(i, backbone.num_blocks))
         return backbone.pool(tokens, self.pool_mode)
+
+    def prompt_outputs_needed(self, i: int, num_blocks: int) -> bool:
+        """Whether anything reads block i's prompt outputs (False lets the backbone skip them)."""
+        return True
 
     def option_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)
 
 
 def _run_block(backbone: Backbone, i: int, tokens: Tokens, prompts: Tensor | None, location: str,
-               adapter: nn.Module | None, checkpointing: bool) -> Tokens:
+               adapter: nn.Module | None, checkpointing: bool, prompt_outputs: bool = True) -> Tokens:
+    kwargs = {"location": location, "ffn_adapter": adapter}
+    if not prompt_outputs:
+        kwargs["prompt_outputs"] = False
     if not checkpointing:
-        return backbone.run_block(i, tokens, prompts, location=location, ffn_adapter=adapter)
+        return backbone.run_block(i, tokens, prompts, **kwargs)
     from torch.utils.checkpoint import checkpoint
 
-    return checkpoint(backbone.run_block, i, tokens, prompts, location=location, ffn_adapter=adapter,
-                      use_reentrant=False)
+    return checkpoint(backbone.run_block, i, tokens, prompts, use_reentrant=False, **kwargs)
 
 
 def linear_head(in_dim: int, num_classes: int) -> nn.Linear:

@@ -114,7 +114,15 @@ class _VPT(Method):
         prompts = self.prompts[j]  # (p, d) or (p, project_dim)
         if self.options.project_dim:
             prompts = self.project[str(self.dims[i])](prompts)
-        return self.dropout(prompts)  # (p, d)
+        if self.dropout.p > 0 and self.training:  # a dropout mask per sample, as the reference code
+            prompts = prompts.expand(batch, -1, -1)  # (B, p, d)
+        return self.dropout(prompts)  # (p, d) or (B, p, d)
+
+    def prompt_outputs_needed(self, i: int, num_blocks: int) -> bool:
+        """Deep prompts in every block, read through [CLS] or image tokens: block i's prompt outputs are
+        replaced before block i+1 and ignored by pooling, so the backbone may skip computing them."""
+        every_block = self.deep and len(self.blocks) == num_blocks
+        return not (every_block and self.location == "prepend" and self.pool_mode != "prompt_mean")
 
 
 @register

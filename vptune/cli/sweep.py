@@ -20,7 +20,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the base train config, e.g. --set optim.epochs=1 (repeatable)")
     s.add_argument("--output", default=None, help="output root (default: the sweep's 'output')")
-    s.add_argument("--backend", default=None, help="execution backend (default: the sweep's, 'local')")
+    s.add_argument("--backend", default=None,
+                   help="execution backend: local or ray (default: the sweep's, 'local')")
+    s.add_argument("--address", default=None,
+                   help="ray: the cluster to join (auto, HOST:PORT, ray://HOST:10001); default: a private local "
+                        "Ray instance for this sweep")
+    s.add_argument("--gpus-per-run", type=float, default=None,
+                   help="GPUs per run (ray: the task's resources; default 1 when the cluster has GPUs, else 0); "
+                        "also the GPU-hours of the cost estimate")
+    s.add_argument("--cpus-per-run", type=float, default=None, help="ray: CPUs per run (default 1)")
+    s.add_argument("--max-retries", type=int, default=None, help="ray: retries of a failed run (default 1)")
+    s.add_argument("--hours-per-run", type=float, default=None,
+                   help="one run's hours, for the GPU-hours of the cost estimate (default: from finished runs)")
     s.add_argument("--dry-run", action="store_true", help="print the plan and its cost, train nothing")
     s.add_argument("--overwrite-stale", action="store_true",
                    help="retrain finished runs whose config differs from what the sweep now plans")
@@ -47,8 +58,11 @@ def _sweep(args: argparse.Namespace) -> int:
         spec.base["runtime"]["progress"] = False
     else:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+    options = {"address": args.address, "gpus_per_run": args.gpus_per_run, "cpus_per_run": args.cpus_per_run,
+               "max_retries": args.max_retries}
     run_sweep(spec, backend=args.backend, env=Env(progress=not args.quiet), dry_run=args.dry_run,
-              overwrite_stale=args.overwrite_stale, log=lambda msg: print(msg, flush=True))
+              overwrite_stale=args.overwrite_stale, log=lambda msg: print(msg, flush=True),
+              backend_options=options, hours_per_run=args.hours_per_run)
     return 0
 
 

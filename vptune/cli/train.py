@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, train_overrides(args))
     _setup_logging()
     summary = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports (every process gets its summary)
+        return 0
     if args.json:
         from vptune.artifact import atomic_write_json
 

@@ -142,6 +142,14 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, *, device: torch.devi
         device = resolve_device(device)
     loader = data if isinstance(data, DataLoader) else make_loader(data, batch_size, num_workers=num_workers,
                                                                    device=device)
+    return accumulate(model, loader, device=device, precision=precision, num_classes=num_classes,
+                      progress=progress, desc=desc).compute()
+
+
+def accumulate(model: nn.Module, loader: DataLoader, *, device: torch.device, precision: str = "fp32",
+               num_classes: int | None = None, progress: bool = False, desc: str = "eval") -> MetricAccumulator:
+    """The metric accumulator of ``model`` over ``loader`` (uncomputed, so that the counts of several
+    shards -- the ranks of a data-parallel run -- can be summed before :meth:`MetricAccumulator.compute`)."""
     num_classes = int(num_classes or getattr(model, "num_classes", 0))
     if num_classes < 1:
         raise VptuneError("evaluate() needs num_classes for a model without a num_classes attribute")
@@ -157,7 +165,7 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, *, device: torch.devi
                 acc.update(logits, torch.as_tensor(labels))
     finally:
         model.train(was_training)
-    return acc.compute()
+    return acc
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -22,7 +22,9 @@ folder::
 
 A folder whose ``result.json`` holds the same config is finished and never trained again. Linear-probe
 grids (and finals) train every head in one pass on cached frozen features (:mod:`vptune.engine.features`).
-Runs execute through a backend (:data:`BACKENDS`; ``"local"``: sequentially in this process).
+Runs execute through a backend (:data:`BACKENDS`; ``"local"``: sequentially in this process; ``"ray"``:
+as Ray tasks over a cluster, :mod:`vptune.engine.ray_backend`). Jobs that fail after the backend's retries
+are listed in ``<output>/failures.json`` and end the sweep with an error once their stage is over.
 """
 
 from __future__ import annotations
@@ -697,7 +699,7 @@ class LocalBackend:
 
 # name -> factory(env, log) of an object with ``run(jobs)`` that returns once every job has executed
 # (in any order: jobs passed together never depend on each other). Jobs are plain picklable data; a
-# fan-out backend ("ray", to come) ships them to workers that each build an ``Env()`` and call
+# fan-out backend ("ray": vptune.engine.ray_backend) ships them to workers that each build an ``Env()`` and call
 # ``env.execute(job)``. A backend module named ``vptune.engine.sweep_<name>`` that calls
 # :func:`register_backend` on import is found by name.
 BACKENDS: dict[str, Callable[..., Any]] = {"local": LocalBackend}
@@ -706,6 +708,16 @@ BACKENDS: dict[str, Callable[..., Any]] = {"local": LocalBackend}
 def register_backend(name: str, factory: Callable[..., Any]) -> None:
     """Make a backend available to sweeps as ``backend: <name>``."""
     BACKENDS[name] = factory
+
+
+def _ray_backend(env: Env, log: Callable[[str], None] = print, **options: Any) -> Any:
+    """``backend: ray`` (:mod:`vptune.engine.ray_backend`; Ray imported only when a sweep uses it)."""
+    from vptune.engine.ray_backend import make_backend
+
+    return make_backend(env, log, **options)
+
+
+BACKENDS["ray"] = _ray_backend
 
 
 def backend_factory(name: str) -> Callable[..., Any]:
@@ -764,13 +776,22 @@ def _check_stale(runs: Sequence[Run], states: dict[Path, str], overwrite: bool) 
 
 
 def run_sweep(spec: SweepSpec, *, backend: str | None = None, env: Env | None = None, dry_run: bool = False,
-              overwrite_stale: bool = False, log: Callable[[str], None] = print) -> SweepOutcome:
-    """Plan, print the cost, train the grid, select on val, train the finals; skip every finished run."""
+              overwrite_stale: bool = False, log: Callable[[str], None] = print,
+              backend_options: dict[str, Any] | None = None, hours_per_run: float | None = None) -> SweepOutcome:
+    """Plan, print the cost, train the grid, select on val, train the finals; skip every finished run.
+
+    ``backend_options`` go to the backend (ray: address, gpus_per_run, cpus_per_run, max_retries);
+    ``hours_per_run`` (an estimate of one run's hours) makes the cost include GPU-hours before any run has
+    finished. Jobs a backend reports failed (after its retries) are listed in ``<output>/failures.json``
+    and in the log, and raise a VptuneError once their stage is over (re-running retries just them)."""
     grid = plan_grid(spec)
     states = {r.folder: run_state(r) for r in grid}
     _check_stale(grid, states, overwrite_stale or dry_run)
     est = estimate_cost(spec, grid, states)
-    log(format_estimate(spec, grid, est))
+    name = backend or spec.backend
+    options = {k: v for k, v in (backend_options or {}).items() if v is not None}
+    compute = format_compute(est, hours_per_run, _gpus_per_run(spec, name, options))
+    log(format_estimate(spec, grid, est) + (f"\n{compute}" if compute else ""))
     env = env or Env()
     if dry_run:
         stale = sum(s == "stale" for s in states.values())
@@ -778,15 +799,82 @@ def run_sweep(spec: SweepSpec, *, backend: str | None = None, env: Env | None = 
             log(f"{stale} finished grid run(s) hold another config (a real run needs --overwrite-stale)")
         return SweepOutcome(grid, [], {}, [], est)
     env.cache_dir = env.cache_dir or spec.cache_dir
-    runner = backend_factory(backend or spec.backend)(env, log)
-    runner.run(make_jobs(grid, states))
-    choices = select_all(spec, grid)
-    final = plan_final(spec, choices)
-    fstates = {r.folder: run_state(r) for r in final}
-    _check_stale(final, fstates, overwrite_stale)
-    runner.run(make_jobs(final, fstates))
+    factory = backend_factory(name)
+    if name == "local":  # gpus_per_run only informs the cost; the rest is for fan-out backends
+        extra = sorted(set(options) - {"gpus_per_run"})
+        if extra:
+            raise VptuneError(f"{', '.join(extra)} appl{'ies' if len(extra) == 1 else 'y'} to a fan-out backend "
+                              "(--backend ray), not to the local one")
+        options = {}
+    runner = factory(env, log, **options) if options else factory(env, log)
+    try:
+        failures = runner.run(make_jobs(grid, states)) or []
+        if failures:
+            raise _failed(spec, failures, log)
+        choices = select_all(spec, grid)  # on the driver, whichever backend trained the grid
+        final = plan_final(spec, choices)
+        fstates = {r.folder: run_state(r) for r in final}
+        _check_stale(final, fstates, overwrite_stale)
+        failures = runner.run(make_jobs(final, fstates)) or []
+    finally:
+        if callable(getattr(runner, "close", None)):
+            runner.close()
     log(format_summary(choices, final))
+    if failures:
+        raise _failed(spec, failures, log)
+    (Path(spec.output) / FAILURES_FILE).unlink(missing_ok=True)
     return SweepOutcome(grid, final, choices, list(env.trained), est)
+
+
+FAILURES_FILE = "failures.json"
+
+
+def _failed(spec: SweepSpec, failures: list[dict[str, Any]], log: Callable[[str], None]) -> VptuneError:
+    """List failed jobs in ``<output>/failures.json`` and the log; the error that ends the sweep."""
+    from vptune.artifact import atomic_write_json
+
+    path = Path(spec.output) / FAILURES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"failures": failures, "note": "re-run the sweep to retry these; finished runs "
+                                                           "are skipped"})
+    log(f"{len(failures)} job(s) failed:")
+    for f in failures:
+        log(f"  FAILED {f.get('job')}: {f.get('error')}")
+    return VptuneError(f"{len(failures)} sweep job(s) failed after retries (listed in {path}; first: "
+                       f"{failures[0].get('job')}: {failures[0].get('error')}); re-run the sweep to retry them")
+
+
+def _gpus_per_run(spec: SweepSpec, backend: str, options: dict[str, Any]) -> float:
+    """GPUs one run uses, for the cost: as asked, else 0 on CPU, else 1 (ray: when the cluster has GPUs)."""
+    if options.get("gpus_per_run") is not None:
+        return float(options["gpus_per_run"])
+    if str(spec.base["runtime"]["device"]) == "cpu":
+        return 0.0
+    if backend == "local":
+        import torch
+
+        return 1.0 if torch.cuda.is_available() else 0.0
+    return 1.0
+
+
+def format_compute(est: CostEstimate, hours_per_run: float | None, gpus_per_run: float) -> str | None:
+    """The compute line of the cost: run-hours and GPU-hours of the separate runs still to train, from
+    ``hours_per_run`` when given, else from the timing of finished runs (None when nothing is left)."""
+    if not est.work:
+        return None
+    if hours_per_run is not None:
+        if not hours_per_run > 0:
+            raise VptuneError(f"--hours-per-run must be > 0, got {hours_per_run}")
+        hours, source = hours_per_run * len(est.work), f"--hours-per-run {hours_per_run:g} x {len(est.work)} run(s)"
+    elif est.seconds is not None:
+        hours, source = est.seconds / 3600, f"the timing of {est.timed_runs} finished run(s)"
+    else:
+        return ("GPU-hours: unknown until a run has finished (pass --hours-per-run H, one run's hours, "
+                "for an estimate now)")
+    if gpus_per_run > 0:
+        return (f"compute: {hours:.2f} run-hours x {gpus_per_run:g} GPU(s) per run = "
+                f"{hours * gpus_per_run:.2f} GPU-hours (from {source})")
+    return f"compute: {hours:.2f} run-hours on CPU, 0 GPU-hours (from {source})"
 
 
 def format_summary(choices: dict[tuple[str, str, float], GridScore], final: Sequence[Run]) -> str:

@@ -68,12 +68,25 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = Fa
     """
     validate_config(cfg)
     check_method(cfg)
+    from vptune.engine import distributed
+
+    if distributed.launched():  # started by torchrun (WORLD_SIZE > 1): data-parallel training
+        return distributed.run_training_ddp(cfg, resume=resume, overwrite=overwrite, datasets=datasets,
+                                            backbone=backbone, num_classes=num_classes, label_names=label_names)
     out = Path(cfg.output)
     stored = prepare_output(out, cfg, resume=resume, overwrite=overwrite)
     if stored is not None:
         logger.info("%s already holds a finished run of this config: returning its result", out)
         return stored
-    device = resolve_device(cfg.runtime.device)
+    trainer = build_trainer(cfg, resolve_device(cfg.runtime.device), datasets=datasets, backbone=backbone,
+                            num_classes=num_classes, label_names=label_names)
+    return trainer.run(resume=resume)
+
+
+def build_trainer(cfg: TrainConfig, device: torch.device, *, datasets: dict[str, Dataset] | None = None,
+                  backbone: Backbone | None = None, num_classes: int | None = None,
+                  label_names: list[str] | None = None, trainer_cls: Any = None) -> Trainer:
+    """The backbone, data splits and model of ``cfg`` in a ``trainer_cls`` (default :class:`Trainer`)."""
     check_precision(device, cfg.runtime.precision)
     seed_everything(cfg.runtime.seed)
     backbone = backbone if backbone is not None else build_backbone(cfg)
@@ -88,8 +101,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = Fa
     model = create_model(backbone, cfg.method.name, num_classes, label_names=label_names,
                          **cfg.method.options)
     model.preprocessing = prep
-    trainer = Trainer(cfg, model, splits, device, out)
-    return trainer.run(resume=resume)
+    return (trainer_cls or Trainer)(cfg, model, splits, device, Path(cfg.output))
 
 
 def check_method(cfg: TrainConfig) -> None:
@@ -219,7 +231,13 @@ def clear_run(out: Path) -> None:
 # ------------------------------------------------------------------------------------------ the trainer
 
 class Trainer:
-    """One run: model, optimiser, schedule, loaders and logs (see the module docstring)."""
+    """One run: model, optimiser, schedule, loaders and logs (see the module docstring).
+
+    Hooks a data-parallel subclass (:class:`vptune.engine.distributed.DistributedTrainer`) overrides:
+    ``is_main`` (only the main process writes files and logs), :meth:`train_loader`, :meth:`loss`,
+    :meth:`step_stats` and :meth:`evaluate`."""
+
+    is_main = True
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, splits: dict[str, Dataset],
                  device: torch.device, out: Path) -> None:
@@ -243,16 +261,18 @@ class Trainer:
     # --- the whole run ----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
         t0 = time.time()
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / RESULT_FILE).unlink(missing_ok=True)
-        atomic_write_bytes(self.out / CONFIG_FILE, dump_config(self.cfg).encode())
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / RESULT_FILE).unlink(missing_ok=True)
+            atomic_write_bytes(self.out / CONFIG_FILE, dump_config(self.cfg).encode())
         if resume and (self.out / CHECKPOINT).is_file():
             self.restore(load_checkpoint(self.out / CHECKPOINT))
-        else:
+        elif self.is_main:
             (self.out / METRICS_FILE).unlink(missing_ok=True)
             if self.out.joinpath(TB_DIR).is_dir():
                 shutil.rmtree(self.out / TB_DIR)
-        self.writer = open_tensorboard(self.out / TB_DIR, purge_step=self.step + 1 if self.step else None)
+        if self.is_main:
+            self.writer = open_tensorboard(self.out / TB_DIR, purge_step=self.step + 1 if self.step else None)
         try:
             completed = self.fit(t0)
             return self.finish(t0, completed)
@@ -284,9 +304,7 @@ class Trainer:
         """One pass over the training data in the order fixed by (seed, epoch); None if max_steps hit."""
         # The shuffle contract (mirrored by vptune.engine.features.epoch_order): a generator seeded with
         # seed * 1_000_003 + epoch; the loader draws one int64 from it (worker seeds), then randperm(n).
-        gen = torch.Generator().manual_seed(self.cfg.runtime.seed * 1_000_003 + epoch)
-        loader = make_loader(self.train_ds, self.cfg.optim.batch_size, num_workers=self.cfg.data.num_workers,
-                             device=self.device, shuffle=True, generator=gen, drop_last=self.drop_last)
+        loader = self.train_loader(epoch)
         self.model.train()
         loss_sum, correct, n = 0.0, 0, 0
         bar = progress_bar(self.steps_per_epoch, f"epoch {epoch}/{self.cfg.optim.epochs}",
@@ -296,8 +314,8 @@ class Trainer:
             for images, labels in loader:
                 if max_steps is not None and self.step >= max_steps:
                     return None
-                loss, hits = self.train_step(images, torch.as_tensor(labels), epoch)
-                loss_sum, correct, n = loss_sum + loss * len(labels), correct + hits, n + len(labels)
+                loss, hits, count = self.train_step(images, torch.as_tensor(labels), epoch)
+                loss_sum, correct, n = loss_sum + loss * count, correct + hits, n + count
                 bar.update(1)
                 lr = self.scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", refresh=False)
@@ -305,8 +323,22 @@ class Trainer:
             bar.close()
         return {"train_loss": loss_sum / max(n, 1), "train_acc": 100.0 * correct / max(n, 1)}
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> tuple[float, int]:
-        """Forward, loss, backward, (clip), optimiser and schedule step; returns (loss, correct)."""
+    def train_loader(self, epoch: int) -> Any:
+        """The minibatches of ``epoch``, in the order fixed by (seed, epoch)."""
+        gen = torch.Generator().manual_seed(self.cfg.runtime.seed * 1_000_003 + epoch)
+        return make_loader(self.train_ds, self.cfg.optim.batch_size, num_workers=self.cfg.data.num_workers,
+                           device=self.device, shuffle=True, generator=gen, drop_last=self.drop_last)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss to back-propagate: mean cross-entropy of the batch."""
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
+
+    def step_stats(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+        """(mean loss, correct, images) of the step's batch, for the logs and the non-finite check."""
+        return float(loss.detach()), int((logits.detach().argmax(dim=1) == labels).sum()), int(labels.numel())
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> tuple[float, int, int]:
+        """Forward, loss, backward, (clip), optimiser and schedule step; returns (loss, correct, images)."""
         self._check_labels(labels)
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         lr = self.scheduler.get_last_lr()[0]
@@ -314,8 +346,8 @@ class Trainer:
 
         with autocast(self.device, self.cfg.runtime.precision):
             logits = self.forward(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
-        value = float(loss.detach())
+        loss = self.loss(logits, labels)
+        value, hits, count = self.step_stats(loss, logits, labels)
         if not math.isfinite(value):
             raise self._non_finite(value, epoch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -325,7 +357,7 @@ class Trainer:
         if self.writer is not None:
             self.writer.add_scalar("train/loss_step", value, self.step)
             self.writer.add_scalar("train/lr", lr, self.step)
-        return value, int((logits.detach().argmax(dim=1) == labels).sum())
+        return value, hits, count
 
     def _backward_and_step(self, loss: torch.Tensor) -> None:
         clip = self.cfg.optim.grad_clip
@@ -373,6 +405,8 @@ class Trainer:
                         progress=self.cfg.runtime.progress, desc=name)
 
     def log_epoch(self, stats: dict[str, float], val: dict[str, Any] | None, seconds: float) -> None:
+        if not self.is_main:
+            return
         lr = self.scheduler.get_last_lr()[0]  # at the end of the epoch (TensorBoard has it per step)
         record: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "lr": lr, **stats,
                                   "epoch_s": round(seconds, 3)}
@@ -390,6 +424,8 @@ class Trainer:
                     stats["train_loss"], stats["train_acc"], shown)
 
     def save(self, t0: float) -> None:
+        if not self.is_main:
+            return
         extra = {"wall_s": self.prior_wall + time.time() - t0,
                  "last_val_epoch": self.last_val[0] if self.last_val else 0,
                  "config": config_to_dict(self.cfg)}
@@ -412,7 +448,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.prior_wall = float(state.get("extra", {}).get("wall_s", 0.0))
-        truncate_metrics(self.out / METRICS_FILE, self.epoch)
+        if self.is_main:
+            truncate_metrics(self.out / METRICS_FILE, self.epoch)
         restore_rng(state["rng"])
         logger.info("resumed %s at epoch %d (step %d)", self.out, self.epoch, self.step)
 
@@ -425,6 +462,8 @@ class Trainer:
                 self.evaluate(self.val_ds, "val")
         test = self.evaluate(self.test_ds, "test") if self.test_ds is not None else None
         summary = self.summary(val, test, completed, self.prior_wall + time.time() - t0)
+        if not self.is_main:
+            return summary
         task_summary = {**summary, "val": brief(val), "test": brief(test)}
         self.model.save_pretrained(self.out / TASK_DIR, training=task_summary)
         summary["stored_bytes"] = (self.out / TASK_DIR / WEIGHTS).stat().st_size

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from vptune.backbones.vit import VisionTransformer, ViTConfig
+from tests.helpers import TINY
+from tests.helpers import tiny_vit as make_tiny_vit
+from vptune.backbones.vit import VisionTransformer
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+__all__ = ["TINY"]  # re-exported (tests import it from here)
 
 
 @pytest.fixture(autouse=True)
@@ -20,9 +22,18 @@ def _deterministic() -> None:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and far faster when other processes load the cores.
+    Modules use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_vit() -> VisionTransformer:
-    torch.manual_seed(0)
-    return VisionTransformer(ViTConfig(**TINY)).eval()
+    return make_tiny_vit()
 
 
 @pytest.fixture

@@ -9,23 +9,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
+from tests.helpers import TINY, TINY_BACKBONE_YAML, save_tiny_vit, write_split_files
 from vptune.backbones.vit import VisionTransformer, ViTConfig
 from vptune.cli import main
 
-TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 CLASSES = ["red", "green", "blue", "yellow"]
 RGB = np.array([[220, 30, 30], [30, 220, 30], [30, 30, 220], [220, 220, 30]], dtype=np.float32)
 SPLITS = {"train800": 48, "val200": 16, "test": 16}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for tiny models
 
 
 def write_png(path: Path, label: int, rng: np.random.Generator) -> None:
@@ -49,18 +43,13 @@ def cli_assets(tmp_path_factory):
             lines.setdefault(split, []).append(f"{rel} {i % 4}")
             if split == "test":
                 write_png(folder / "test" / CLASSES[i % 4] / f"{i:03d}.png", i % 4, rng)
-    lines["train800val200"] = lines["train800"] + lines["val200"]
-    for split, rows in lines.items():
-        (vtab / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    write_split_files(vtab, lines)
     (vtab / "classes.json").write_text(json.dumps(CLASSES))
-    torch.manual_seed(0)
-    weights = root / "vit_tiny.safetensors"
-    save_file(VisionTransformer(ViTConfig(**TINY)).state_dict(), str(weights))
+    weights = save_tiny_vit(root / "vit_tiny.safetensors")
     config = root / "tiny.yaml"
     config.write_text(
-        "backbone:\n  name: vit_tiny_patch16_224\n"
-        f"  config: {json.dumps(TINY)}\n"
-        "method:\n  name: vpt-deep\n  options: {num_tokens: 2}\n"
+        TINY_BACKBONE_YAML
+        + "method:\n  name: vpt-deep\n  options: {num_tokens: 2}\n"
         "data:\n  train_split: train800\n  val_split: val200\n  test_split: test\n  num_workers: 0\n"
         "optim:\n  epochs: 4\n  warmup_epochs: 1\n  batch_size: 16\n  base_lr: 2.5\n")
     return {"root": root, "vtab": vtab, "folder": folder, "weights": weights, "config": config}

@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from vptune.backbones.vit import VisionTransformer, ViTConfig
+from tests.helpers import TINY_BACKBONE_YAML, save_tiny_vit, write_split_files
 from vptune.engine import distributed as D
 from vptune.engine.evaluate import make_loader
 from vptune.errors import VptuneError
 
-TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 # 27 training images in global batches of 8: 8, 8, 8, 3 -- the last one splits 2 / 1 over two processes
 SPLITS = {"train800": 27, "val200": 13, "test": 11}
 RGB = np.array([[220, 30, 30], [30, 220, 30], [30, 30, 220]], dtype=np.float32)
@@ -113,17 +112,12 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             img = np.clip(RGB[i % 3] + rng.normal(0, 60, (32, 32, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(img).save(data / rel)
             lines.setdefault(split, []).append(f"{rel} {i % 3}")
-    lines["train800val200"] = lines["train800"] + lines["val200"]
-    for split, rows in lines.items():
-        (data / f"{split}.txt").write_text("\n".join(rows) + "\n")
-    torch.manual_seed(0)
-    weights = root / "vit_tiny.safetensors"
-    save_file(VisionTransformer(ViTConfig(**TINY)).state_dict(), str(weights))
+    write_split_files(data, lines)
+    weights = save_tiny_vit(root / "vit_tiny.safetensors")
     config = root / "tiny.yaml"
     config.write_text(
-        "backbone:\n  name: vit_tiny_patch16_224\n"
-        f"  config: {json.dumps(TINY)}\n"
-        "method:\n  name: vpt-deep\n  options: {num_tokens: 2, dropout: 0.0}\n"
+        TINY_BACKBONE_YAML
+        + "method:\n  name: vpt-deep\n  options: {num_tokens: 2, dropout: 0.0}\n"
         "data:\n  train_split: train800\n  val_split: val200\n  test_split: test\n  num_workers: 0\n"
         "optim:\n  epochs: 2\n  warmup_epochs: 1\n  batch_size: 8\n  base_lr: 5.0\n  weight_decay: 0.001\n"
         "runtime:\n  device: cpu\n  seed: 7\n  progress: false\n")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import TINY
 from vptune.backbones.vit import VisionTransformer, ViTConfig
 from vptune.engine import (
     config_from_dict,
@@ -57,18 +58,12 @@ class Poisoned(ColorTask):
         return (x * float("nan") if self.served > self.clean else x), y
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other test processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for tiny models
 
 
 def tiny_backbone() -> VisionTransformer:
     torch.manual_seed(123)
-    return VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2))
+    return VisionTransformer(ViTConfig(**TINY))
 
 
 def splits(n_train: int = 64) -> dict:

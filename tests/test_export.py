@@ -14,22 +14,13 @@ pytest.importorskip(
 )
 
 import vptune  # noqa: E402
+from tests.helpers import TINY, tiny_vit
 from vptune import create_model  # noqa: E402
-from vptune.backbones.vit import VisionTransformer, ViTConfig  # noqa: E402
 from vptune.errors import VptuneError  # noqa: E402
 from vptune.export import OnnxMultiTask, export_onnx  # noqa: E402
 from vptune.multitask import MultiTaskModel  # noqa: E402
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and far faster when other processes load the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for tiny models
 
 
 SPECS = {
@@ -43,8 +34,7 @@ SPECS = {
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    torch.manual_seed(0)
-    backbone = VisionTransformer(ViTConfig(**TINY)).eval()
+    backbone = tiny_vit()
     root = tmp_path_factory.mktemp("export")
     mt = MultiTaskModel(backbone)
     for name, (method, nc, opts) in SPECS.items():

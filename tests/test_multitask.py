@@ -6,21 +6,13 @@ import pytest
 import torch
 
 import vptune
+from tests.helpers import TINY, tiny_vit
 from vptune import create_model
 from vptune.backbones.vit import VisionTransformer, ViTConfig
 from vptune.errors import VptuneError
 from vptune.multitask import MultiTaskModel, pad_logits
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and far faster when other processes load the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for tiny models
 
 
 # name -> (method, num_classes, options)
@@ -49,8 +41,7 @@ def _perturb(model: torch.nn.Module) -> None:
 
 @pytest.fixture(scope="module")
 def task_dirs(tmp_path_factory):
-    torch.manual_seed(0)
-    backbone = VisionTransformer(ViTConfig(**TINY)).eval()
+    backbone = tiny_vit()
     root = tmp_path_factory.mktemp("tasks")
     dirs = {}
     for name, (method, nc, opts) in TASKS.items():

@@ -19,21 +19,13 @@ httpx = pytest.importorskip("httpx", reason="httpx is needed to talk to the test
 
 from PIL import Image  # noqa: E402
 
+from tests.helpers import TINY, tiny_vit
 from vptune import create_model  # noqa: E402
 from vptune.backbones.vit import VisionTransformer, ViTConfig  # noqa: E402
 from vptune.multitask import MultiTaskModel  # noqa: E402
 from vptune.serve import ServeConfig, create_app, task_transform  # noqa: E402
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and far faster when other processes load the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for tiny models
 
 
 MAX_UPLOAD = 200_000
@@ -57,8 +49,7 @@ def _jpeg(seed: int = 1) -> bytes:
 def server(tmp_path_factory):
     import uvicorn
 
-    torch.manual_seed(0)
-    backbone = VisionTransformer(ViTConfig(**TINY)).eval()
+    backbone = tiny_vit()
     root = tmp_path_factory.mktemp("serve_tasks")
     specs = {
         "deep": ("vpt-deep", 4, dict(num_tokens=3)),

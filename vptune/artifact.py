@@ -46,6 +46,17 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def check_format_stamp(obj: Any, path: Path, fmt: str, version: int, *, what: str,
+                       version_label: str) -> None:
+    """Refuse a file whose ``format`` is not ``fmt`` (``"<path> is not a vptune <what> ..."``) or whose
+    ``format_version`` is newer than ``version`` (``"<path> has <version_label> N; ... upgrade vptune"``)."""
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        raise VptuneError(f"{path} is not a vptune {what} (format {fmt!r} expected)")
+    if int(obj.get("format_version", 0)) > version:
+        raise VptuneError(f"{path} has {version_label} {obj['format_version']}; this vptune reads up to "
+                          f"{version}: upgrade vptune")
+
+
 def task_metadata(model: Any, training: dict[str, Any] | None = None) -> dict[str, Any]:
     from vptune import __version__
 
@@ -90,11 +101,7 @@ def read_task_json(directory: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise VptuneError(f"{path} is corrupt: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise VptuneError(f"{path} is not a vptune task file (format {FORMAT!r} expected)")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise VptuneError(f"{path} has format version {meta['format_version']}; this vptune reads up to "
-                          f"{FORMAT_VERSION}: upgrade vptune")
+    check_format_stamp(meta, path, FORMAT, FORMAT_VERSION, what="task file", version_label="format version")
     return meta
 
 

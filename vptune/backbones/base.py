@@ -22,10 +22,37 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from vptune.errors import VptuneError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+
+class ConfigDict:
+    """``to_dict``/``from_dict`` of a backbone config dataclass (tuples stored as lists, unknown keys
+    refused naming the family: ``unknown <family_name> config keys ...``)."""
+
+    family_name: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        items = asdict(self).items()  # type: ignore[call-overload]  (self is a dataclass)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in items}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        known = {f for f in cls.__dataclass_fields__}  # type: ignore[attr-defined]
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise VptuneError(
+                f"unknown {cls.family_name} config keys {unknown}; valid keys: {', '.join(sorted(known))}"
+            )
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**d)
 
 
 @dataclass(frozen=True)

@@ -43,14 +43,13 @@ the exact sub-table of the pretrained one.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vptune.backbones.base import Backbone, BlockInfo, Preprocessing, Tokens, expand_prompts
+from vptune.backbones.base import Backbone, BlockInfo, ConfigDict, Preprocessing, Tokens, expand_prompts
 from vptune.backbones.vit import DropPath, Mlp
 from vptune.errors import VptuneError, check_choice
 
@@ -62,7 +61,9 @@ SHIFT_MASK_VALUE = -100.0  # what timm, Microsoft and Hugging Face add across sh
 
 
 @dataclass
-class SwinConfig:
+class SwinConfig(ConfigDict):
+    family_name = "Swin"
+
     img_size: int = 224
     patch_size: int = 4
     embed_dim: int = 96
@@ -79,17 +80,6 @@ class SwinConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SwinConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise VptuneError(f"unknown Swin config keys {unknown}; valid keys: {', '.join(sorted(known))}")
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**d)
 
 
 _T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))

@@ -9,21 +9,22 @@ MoCo-v3 (fixed 2-D sin-cos position embedding) checkpoints through its config.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vptune.backbones.base import Backbone, BlockInfo, Preprocessing, Tokens, expand_prompts
+from vptune.backbones.base import Backbone, BlockInfo, ConfigDict, Preprocessing, Tokens, expand_prompts
 from vptune.errors import VptuneError, check_choice
 
 POOL_MODES = ("cls", "image_mean", "prompt_mean")
 
 
 @dataclass
-class ViTConfig:
+class ViTConfig(ConfigDict):
+    family_name = "ViT"
+
     img_size: int = 224
     patch_size: int = 16
     embed_dim: int = 768
@@ -40,17 +41,6 @@ class ViTConfig:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ViTConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise VptuneError(f"unknown ViT config keys {unknown}; valid keys: {', '.join(sorted(known))}")
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**d)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -18,6 +18,11 @@ from vptune.errors import VptuneError
 COMMAND_MODULES = ("data", "train", "sweep", "serve", "demo")
 
 
+def add_overrides_arg(p: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable, collected in ``args.overrides``): dotted-key config overrides."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vptune import __version__
 

@@ -7,6 +7,8 @@ import argparse
 import logging
 import sys
 
+from vptune.cli import add_overrides_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``sweep`` and ``report`` commands."""
@@ -17,8 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "tokens); the best setting retrained on the final split with each seed and tested. "
                     "Finished runs are skipped, so re-running resumes a sweep.")
     s.add_argument("sweep", help="sweep YAML (see configs/sweeps/)")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the base train config, e.g. --set optim.epochs=1 (repeatable)")
+    add_overrides_arg(s, "override a key of the base train config, e.g. --set optim.epochs=1 (repeatable)")
     s.add_argument("--output", default=None, help="output root (default: the sweep's 'output')")
     s.add_argument("--backend", default=None,
                    help="execution backend: local or ray (default: the sweep's, 'local')")

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vptune.cli import add_overrides_arg
+
 # plain flag -> dotted config key
 TRAIN_FLAGS = {
     "backbone": "backbone.name", "weights": "backbone.weights", "method": "method.name", "data": "data.root",
@@ -40,8 +42,7 @@ def _register_train(sub: Any) -> None:
                                    "optim.base_lr=0.5, method.options.num_tokens=50, "
                                    "backbone.config.depth=2).")
     p.add_argument("--config", help="YAML config file (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable); values are parsed as YAML scalars")
+    add_overrides_arg(p, "override a config value (repeatable); values are parsed as YAML scalars")
     p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, same as --set method.options.KEY=VALUE (repeatable)")
     p.add_argument("--backbone", help="registered backbone name (backbone.name)")
@@ -71,6 +72,13 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
 
+def _add_json_backbone_args(p: argparse.ArgumentParser, json_help: str, func: Any) -> None:
+    """The tail shared by ``eval`` and ``predict``: ``--json OUT``, the backbone flags, the handler."""
+    p.add_argument("--json", metavar="OUT", help=json_help)
+    _add_backbone_args(p)
+    p.set_defaults(func=func)
+
+
 def _register_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="evaluate a task on a dataset split",
                        description="Top-1, top-5, per-class accuracy and a confusion matrix of a task "
@@ -83,9 +91,7 @@ def _register_eval(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--precision", default="fp32", help="fp32, bf16, fp16")
-    p.add_argument("--json", metavar="OUT", help="write the metrics to this JSON file")
-    _add_backbone_args(p)
-    p.set_defaults(func=cmd_eval)
+    _add_json_backbone_args(p, "write the metrics to this JSON file", cmd_eval)
 
 
 def _register_predict(sub: Any) -> None:
@@ -96,9 +102,7 @@ def _register_predict(sub: Any) -> None:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--protocol", help="transform protocol vtab|fgvc (default: as trained)")
-    p.add_argument("--json", metavar="OUT", help="write the predictions to this JSON file")
-    _add_backbone_args(p)
-    p.set_defaults(func=cmd_predict)
+    _add_json_backbone_args(p, "write the predictions to this JSON file", cmd_predict)
 
 
 def _register_info(sub: Any) -> None:

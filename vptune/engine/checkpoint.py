@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vptune.artifact import atomic_write_bytes
+from vptune.artifact import atomic_write_bytes, check_format_stamp
 from vptune.errors import VptuneError
 
 FORMAT = "vptune-checkpoint"
@@ -89,9 +89,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as e:  # corrupt zip, truncated file, foreign pickle
         raise VptuneError(f"cannot read checkpoint {path}: corrupt, truncated or not a vptune checkpoint "
                           f"({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise VptuneError(f"{path} is not a vptune run checkpoint (format {FORMAT!r} expected)")
-    if int(state.get("format_version", 0)) > FORMAT_VERSION:
-        raise VptuneError(f"{path} has checkpoint format {state['format_version']}; this vptune reads up to "
-                          f"{FORMAT_VERSION}: upgrade vptune")
+    check_format_stamp(state, path, FORMAT, FORMAT_VERSION, what="run checkpoint",
+                       version_label="checkpoint format")
     return state

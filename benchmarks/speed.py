@@ -24,8 +24,8 @@ measured side by side in one process (memory in subprocesses): (a) SDPA vs expli
 (b) inference_mode vs no_grad vs grad-enabled eval, (c) frozen backbone (requires_grad=False) vs all
 weights requiring grad with only the prompts in the optimiser, (d) torch.compile (time-boxed, in a
 subprocess, compile time apart), (e) gradient checkpointing (memory saved, time paid), (f) bf16 autocast
-(on CUDA; on CPU with --ablation-bf16), (g) a proposal not in vptune yet: VPT-deep computes only keys
-and values for its prompts, because every block's prompt outputs are discarded.
+(on CUDA; on CPU with --ablation-bf16), (g) VPT-deep computing only keys and values for its prompts,
+because every block's prompt outputs are discarded (vptune's default) vs the full sequence.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class Job:
     grad_mode: str = "inference_mode"  # infer only: inference_mode | no_grad | enabled
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     compile: bool = False
-    forward: str = "vptune"  # vptune | kv-prompts (proposal (g), vpt-deep only)
+    forward: str = "vptune"  # vptune | full-sequence (baseline of (g), vpt-deep only)
 
     def label(self) -> str:
         parts = [self.method, self.kind]
@@ -132,12 +132,17 @@ def get_backbone(name: str, args: argparse.Namespace, device: torch.device) -> V
 _SDPA_FORWARD = vit_mod.Attention.forward
 
 
-def explicit_attention_forward(self, x, attn_mask=None):
+def explicit_attention_forward(self, x, attn_mask=None, kv_extra=None):
     """timm's non-fused path: softmax(q k^T / sqrt(d_h)) v with the (B, h, N, N) matrix materialised."""
     B, N, C = x.shape
     hd = C // self.num_heads
     q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-    attn = (q * hd**-0.5) @ k.transpose(-2, -1)  # (B, h, N, N)
+    if kv_extra is not None:  # VPT-deep prompts as keys/values only (see vit.Attention)
+        w, b = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
+        kv = F.linear(kv_extra, w, b).reshape(kv_extra.shape[0], -1, 2, self.num_heads, hd)
+        kv = kv.permute(2, 0, 3, 1, 4).expand(-1, B, -1, -1, -1)
+        k, v = torch.cat([k, kv[0]], dim=2), torch.cat([v, kv[1]], dim=2)
+    attn = (q * hd**-0.5) @ k.transpose(-2, -1)  # (B, h, N, N+p)
     if attn_mask is not None:
         attn = attn.masked_fill(~attn_mask, float("-inf"))
     x = attn.softmax(dim=-1) @ v
@@ -153,33 +158,15 @@ def attention_impl(name: str):
         vit_mod.Attention.forward = _SDPA_FORWARD
 
 
-def kv_prompt_features(model: vptune.TunedModel, images: torch.Tensor) -> torch.Tensor:
-    """Proposal (g): VPT-deep where prompts only contribute keys and values.
-
-    In VPT-deep (prompts in every block, [CLS] or image-mean pooling) the outputs at the prompt slots are
-    thrown away: the next block overwrites them and the pool never reads them. So each block needs
-    queries, attention output, projection and FFN for [CLS]+patches only, and keys/values of its p prompts,
-    computed once per batch on the (p, d) prompt matrix and broadcast. Attention does not depend on the
-    order of keys, so the prompt keys go at the end. Same logits as ``model(images)`` up to rounding.
-    """
+def full_sequence_features(model: vptune.TunedModel, images: torch.Tensor) -> torch.Tensor:
+    """Baseline for (g): VPT-deep with the prompts inside the sequence ``[CLS, P, patches]`` of every
+    block and their outputs computed (what the reference code and vptune before this optimisation do).
+    vptune now passes ``prompt_outputs=False`` so the prompts only supply keys and values."""
     bb, m = model.backbone, model.method
     tokens = bb.embed(images)
-    x = tokens.x  # (B, 1+N, d)
-    B, C = x.shape[0], x.shape[2]
-    for i, blk in enumerate(bb.blocks):
-        a = blk.attn
-        H = a.num_heads
-        hd = C // H
-        P = m.block_prompts(i, B)  # (p, d), shared by the batch
-        q, k, v = a.qkv(blk.norm1(x)).reshape(B, -1, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = a.qkv.bias[C:] if a.qkv.bias is not None else None
-        pk, pv = F.linear(blk.norm1(P), a.qkv.weight[C:], bias).reshape(-1, 2, H, hd).permute(1, 2, 0, 3).unbind(0)
-        k = torch.cat([k, pk.expand(B, -1, -1, -1)], dim=2)  # (B, H, 1+N+p, hd)
-        v = torch.cat([v, pv.expand(B, -1, -1, -1)], dim=2)
-        o = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1+N, hd)
-        x = x + a.proj(o.transpose(1, 2).reshape(B, -1, C))
-        x = x + blk.mlp(blk.norm2(x))
-    return bb.pool(dataclasses.replace(tokens, x=x, num_prompts=0), m.pool_mode)
+    for i in range(bb.num_blocks):
+        tokens = bb.run_block(i, tokens, m.block_prompts(i, images.shape[0]), location=m.location)
+    return bb.pool(tokens, m.pool_mode)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,9 +201,9 @@ def build_runner(job: Job, args: argparse.Namespace, device: torch.device) -> Ru
     g = torch.Generator().manual_seed(2)
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=g).to(device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
-    if job.forward == "kv-prompts":
+    if job.forward == "full-sequence":
         def fwd(images):
-            return model.head(kv_prompt_features(model, images))
+            return model.head(full_sequence_features(model, images))
     else:
         fwd = model
     if job.compile:
@@ -505,7 +492,7 @@ def ablation_backbone(name: str, args: argparse.Namespace, device: torch.device,
     if use_bf16:
         train_jobs.append(dataclasses.replace(T, precision="bf16"))
     if "proposal" not in skip:
-        train_jobs.append(dataclasses.replace(T, forward="kv-prompts"))
+        train_jobs.append(dataclasses.replace(T, forward="full-sequence"))
     I = Job(name, "linear", "infer")  # the plain backbone (+ a linear head)
     V = Job(name, vd, "infer")
     infer_jobs = [I, V]
@@ -516,7 +503,7 @@ def ablation_backbone(name: str, args: argparse.Namespace, device: torch.device,
     if use_bf16:
         infer_jobs.append(dataclasses.replace(I, precision="bf16"))
     if "proposal" not in skip:
-        infer_jobs.append(dataclasses.replace(V, forward="kv-prompts"))
+        infer_jobs.append(dataclasses.replace(V, forward="full-sequence"))
 
     runners = [build_runner(j, args, device) for j in train_jobs + infer_jobs]
     out: list[dict[str, Any]] = []
@@ -528,7 +515,7 @@ def ablation_backbone(name: str, args: argparse.Namespace, device: torch.device,
             ref = m(xb)
             with attention_impl("explicit"):
                 checks["explicit_attention_max_abs_diff"] = (m(xb) - ref).abs().max().item()
-            checks["kv_prompts_max_abs_diff"] = (m.head(kv_prompt_features(m, xb)) - ref).abs().max().item()
+            checks["kv_prompts_max_abs_diff"] = (m.head(full_sequence_features(m, xb)) - ref).abs().max().item()
     steps = args.ablation_steps or args.steps
     log(f"[{name}] ablation: {len(train_jobs)} training and {len(infer_jobs)} inference configs interleaved")
     res = interleaved(runners, steps, args.warmup, device, log)
@@ -576,12 +563,11 @@ def ablation_backbone(name: str, args: argparse.Namespace, device: torch.device,
         both("f", "bf16 autocast vs fp32", T, dataclasses.replace(T, precision="bf16"), "fp32", "bf16 autocast")
         both("f", "bf16 autocast vs fp32", I, dataclasses.replace(I, precision="bf16"), "fp32", "bf16 autocast")
     if "proposal" not in skip:
-        n = (f"NOT in vptune yet; max |logit diff| {checks['kv_prompts_max_abs_diff']:.1e}; prompt slots "
-             "get only keys/values (their outputs are discarded in VPT-deep)")
-        both("g", "proposal: VPT-deep prompts as keys/values only", T, dataclasses.replace(T, forward="kv-prompts"),
-             "vptune (cat + full block over prompts)", "kv-prompts", n)
-        both("g", "proposal: VPT-deep prompts as keys/values only", V, dataclasses.replace(V, forward="kv-prompts"),
-             "vptune (cat + full block over prompts)", "kv-prompts", n)
+        n = (f"max |logit diff| {checks['kv_prompts_max_abs_diff']:.1e}; prompt slots get only keys/values "
+             "(their outputs are discarded in VPT-deep)")
+        for job in (T, V):
+            both("g", "VPT-deep prompts as keys/values only", dataclasses.replace(job, forward="full-sequence"), job,
+                 "prompts in the sequence, outputs computed", "vptune (prompt_outputs=False)", n)
     del runners
     gc.collect()
 

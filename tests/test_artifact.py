@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 import vptune
+from tests.conftest import TINY
 from vptune.backbones.vit import VisionTransformer, ViTConfig
 from vptune.errors import VptuneError
-from tests.conftest import TINY
 
 ALL = ["linear", "vpt-shallow", "vpt-deep", "full", "partial-1", "mlp-3", "sidetune", "bias", "adapter"]
 

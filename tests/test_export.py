@@ -13,12 +13,12 @@ pytest.importorskip(
     "onnxruntime", reason="the 'onnx' extra (onnxruntime) is not installed: pip install 'vptune[onnx]'"
 )
 
-import vptune  # noqa: E402
+import vptune
 from tests.helpers import TINY, tiny_vit
-from vptune import create_model  # noqa: E402
-from vptune.errors import VptuneError  # noqa: E402
-from vptune.export import OnnxMultiTask, export_onnx  # noqa: E402
-from vptune.multitask import MultiTaskModel  # noqa: E402
+from vptune import create_model
+from vptune.errors import VptuneError
+from vptune.export import OnnxMultiTask, export_onnx
+from vptune.multitask import MultiTaskModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for tiny models
 

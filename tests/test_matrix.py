@@ -33,7 +33,7 @@ def expected_count(backbone, method: str) -> int:
     infos, d = backbone.block_infos(), backbone.num_features
     head = (d + 1) * C
     named = dict(backbone.named_parameters())
-    under = lambda prefixes: _count(p for n, p in named.items() if any(n.startswith(x) for x in prefixes))  # noqa: E731
+    under = lambda prefixes: _count(p for n, p in named.items() if any(n.startswith(x) for x in prefixes))
     last = [backbone.block_prefix(len(infos) - 1)] + backbone.final_norm_prefixes()
     return head + {
         "linear": 0,

@@ -17,13 +17,13 @@ pytest.importorskip("uvicorn", reason="the 'serve' extra (uvicorn) is not instal
 pytest.importorskip("prometheus_client", reason="the 'serve' extra (prometheus_client) is not installed")
 httpx = pytest.importorskip("httpx", reason="httpx is needed to talk to the test server")
 
-from PIL import Image  # noqa: E402
+from PIL import Image
 
 from tests.helpers import TINY, tiny_vit
-from vptune import create_model  # noqa: E402
-from vptune.backbones.vit import VisionTransformer, ViTConfig  # noqa: E402
-from vptune.multitask import MultiTaskModel  # noqa: E402
-from vptune.serve import ServeConfig, create_app, task_transform  # noqa: E402
+from vptune import create_model
+from vptune.backbones.vit import VisionTransformer, ViTConfig
+from vptune.multitask import MultiTaskModel
+from vptune.serve import ServeConfig, create_app, task_transform
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for tiny models
 

@@ -2,13 +2,13 @@
 
 __version__ = "0.1.0"
 
-from vptune.errors import VptuneError  # noqa: E402
-from vptune.backbones import list_backbones  # noqa: E402
-from vptune.methods import list_methods  # noqa: E402
-from vptune.model import TunedModel, create_model  # noqa: E402
+from vptune.backbones import list_backbones
+from vptune.errors import VptuneError
+from vptune.methods import list_methods
+from vptune.model import TunedModel, create_model
 
 
-def create_backbone(*args, **kwargs):  # noqa: ANN002, ANN003
+def create_backbone(*args, **kwargs):
     """See :func:`vptune.backbones.create_backbone`."""
     from vptune.backbones import create_backbone as _create
 
@@ -18,4 +18,4 @@ def create_backbone(*args, **kwargs):  # noqa: ANN002, ANN003
 __all__ = ["TunedModel", "VptuneError", "__version__", "create_backbone", "create_model", "list_backbones",
            "list_methods"]
 
-from vptune.multitask import MultiTaskModel  # noqa: E402,F401
+from vptune.multitask import MultiTaskModel  # noqa: F401

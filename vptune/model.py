@@ -17,7 +17,6 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from vptune.backbones.base import Backbone
@@ -54,7 +53,7 @@ class TunedModel(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.features(images))  # (B, num_classes)
 
-    def train(self, mode: bool = True) -> "TunedModel":
+    def train(self, mode: bool = True) -> TunedModel:
         """Train mode for modules that hold trained parameters; every frozen module stays in eval."""
         super().train(mode)
         if mode:
@@ -95,7 +94,7 @@ class TunedModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, backbone: Backbone, *,
-                        check_backbone: bool = True) -> "TunedModel":
+                        check_backbone: bool = True) -> TunedModel:
         from vptune.artifact import load_task
 
         return load_task(directory, backbone, check_backbone=check_backbone)

@@ -7,9 +7,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from vptune.backbones import vit  # noqa: F401  (registers the ViT family)
-from vptune.backbones import swin, convert_swin  # noqa: F401
-from vptune.backbones import convert  # noqa: F401  (registers the ViT checkpoint converters)
+from vptune.backbones import (  # noqa: F401
+    convert,
+    convert_swin,
+    swin,
+    vit,
+)
 from vptune.backbones.base import Backbone, BlockInfo, Preprocessing, Tokens
 from vptune.backbones.checkpoint import (
     LoadReport,

@@ -21,7 +21,7 @@ With ``location='add'``, False leaves that sample's patch tokens unchanged.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -97,7 +97,7 @@ class Preprocessing:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         return cls(
             input_size=int(d.get("input_size", 224)),
             mean=tuple(d.get("mean", (0.5, 0.5, 0.5))),

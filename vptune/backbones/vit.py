@@ -170,7 +170,7 @@ def sincos_pos_embed(dim: int, grid: tuple[int, int], temperature: float = 10000
 def resize_pos_embed(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
     """Interpolate (1, 1+N, d) position embeddings to a new patch grid (bicubic, as timm); [CLS] kept."""
     cls_pe, patch_pe = pos_embed[:, :1], pos_embed[:, 1:]
-    old = int(math.isqrt(patch_pe.shape[1]))
+    old = math.isqrt(patch_pe.shape[1])
     if old * old != patch_pe.shape[1]:
         raise VptuneError(f"cannot resize a non-square position embedding of {patch_pe.shape[1]} patches")
     if (old, old) == tuple(grid):

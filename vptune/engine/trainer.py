@@ -37,8 +37,13 @@ from torch.utils.data import Dataset
 
 from vptune.artifact import WEIGHTS, atomic_write_bytes, atomic_write_json
 from vptune.backbones.base import Backbone, Preprocessing
-from vptune.engine.checkpoint import (CHECKPOINT, load_checkpoint, restore_rng, save_checkpoint,
-                                      seed_everything)
+from vptune.engine.checkpoint import (
+    CHECKPOINT,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    seed_everything,
+)
 from vptune.engine.config import TrainConfig, config_diff, config_to_dict, dump_config, validate_config
 from vptune.engine.evaluate import brief, check_precision, evaluate, make_loader, resolve_device
 from vptune.engine.optim import build_optimizer, build_scheduler, resolve_optimizer_name, scaled_lr

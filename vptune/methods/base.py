@@ -19,13 +19,12 @@ import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from vptune.backbones.base import Backbone, Tokens
 from vptune.errors import VptuneError
 
-METHODS: dict[str, type["Method"]] = {}
+METHODS: dict[str, type[Method]] = {}
 _SUFFIXED = re.compile(r"^(?P<base>[a-z]+)-(?P<k>\d+)$")
 
 

@@ -223,3 +223,17 @@ def test_prompt_dropout_masks_differ_per_sample(tiny_vit):
     assert p.shape == (2, 20, 32) and not torch.equal(p[0] == 0, p[1] == 0)
     model.eval()
     assert model.method.block_prompts(0, 2).shape == (20, 32)
+
+
+def test_deep_prompt_gradients_equal_the_full_sequence(tiny_vit):
+    x = torch.randn(3, 3, 32, 32)
+    model = vptune.create_model(tiny_vit, "vpt-deep", 4, num_tokens=5).train()
+    model(x).logsumexp(-1).sum().backward()
+    fast = [p.grad.clone() for p in model.method.prompts]
+    model.zero_grad()
+    tokens = tiny_vit.embed(x)
+    for i in range(tiny_vit.num_blocks):
+        tokens = tiny_vit.run_block(i, tokens, model.method.block_prompts(i, 3))
+    model.head(tiny_vit.pool(tokens)).logsumexp(-1).sum().backward()
+    for g_fast, p in zip(fast, model.method.prompts):
+        torch.testing.assert_close(g_fast, p.grad, rtol=1e-4, atol=1e-6)

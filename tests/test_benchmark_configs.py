@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "configs" / "sweeps"
 MINI_TASKS = ["caltech101", "dtd10", "cifar10", "mnist", "dsprites_loc", "dsprites_ori", "clevr_count", "clevr_dist"]
 NINE = ["linear", "full", "partial-1", "mlp-3", "sidetune", "bias", "adapter", "vpt-shallow", "vpt-deep"]
-SGD_LRS = set(S.PAPER_SGD_LRS) | {0.02}  # VPT: one step below the paper's grid (see the yaml)
+SGD_LRS = set(S.PAPER_SGD_LRS) | {0.02, 0.005}  # VPT and sidetune: below the paper's grid (see the yaml)
 ADAMW_LRS = set(S.PAPER_ADAMW_LRS)
 
 
@@ -110,7 +110,7 @@ def test_benchmark_flags_shrink_the_plan(tmp_path: Path, monkeypatch: pytest.Mon
     assert spec.base["backbone"]["input_size"] == 64 and spec.base["runtime"]["device"] == "cpu"
     assert spec.base["backbone"]["weights"] == str(weights)
     grid = S.plan_grid(spec)
-    assert [(r.method, r.lr, r.wd) for r in grid] == [("linear", 50.0, 0.01), ("vpt-deep", 0.1, 0.0001)]
+    assert [(r.method, r.lr, r.wd) for r in grid] == [("linear", 50.0, 0.01), ("vpt-deep", 0.02, 0.0001)]
     # warmup keeps the config's fraction (2 of 10) when only --epochs is given
     spec20 = bench.load_spec(bench.parse_args(["--assets", str(tmp_path / "assets"), "--epochs", "20"]))
     assert spec20.base["optim"]["warmup_epochs"] == 4

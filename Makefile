@@ -22,8 +22,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: $(STAMP)
-	$(VENV)/bin/vptune demo
+demo: $(STAMP)  # DEMO_ARGS: e.g. --quick, --assets DIR, --out DIR
+	$(VENV)/bin/vptune demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

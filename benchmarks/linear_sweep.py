@@ -35,10 +35,8 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,37 +49,11 @@ if str(ROOT) not in sys.path:
 
 import torch
 
+from benchmarks._provenance import git_commit, machine_info
+
 WEIGHTS_NAME = "vit_tiny_patch16_224.augreg_in21k_ft_in1k_ft_tinyimagenet"
 PAPER_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
 PAPER_WDS = (0.01, 0.001, 0.0001, 0.0)
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-                            "threads": torch.get_num_threads(), "python": platform.python_version()}
-    try:
-        info["load_avg_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        pass
-    return info
-
-
-def git_commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10,
-                              check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10, check=False)
-        sha = head.stdout.strip() or None
-        return f"{sha}-dirty" if sha and dirty.stdout.strip() else sha
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def synthetic_task(root: Path, classes: int = 10, sizes: dict[str, int] | None = None) -> Path:

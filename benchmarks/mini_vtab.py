@@ -35,10 +35,8 @@ import datetime
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks._provenance import git_commit, machine_info
 from vptune.errors import VptuneError
 
 WEIGHTS_NAME = "vit_tiny_patch16_224.augreg_in21k_ft_in1k_ft_tinyimagenet"
@@ -62,39 +61,6 @@ DEFAULT_TIMING = ROOT / "benchmarks" / "results" / "mini_vtab_timing.json"
 # ------------------------------------------------------------------------------------------------------
 # machine and provenance
 # ------------------------------------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-                            "threads": torch.get_num_threads(), "python": platform.python_version()}
-    try:
-        info["load_avg"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def git_commit() -> str | None:
-    """``git rev-parse HEAD`` (+ ``-dirty`` when tracked files differ); read-only."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10,
-                              check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10, check=False)
-        sha = head.stdout.strip() or None
-        return f"{sha}-dirty" if sha and dirty.stdout.strip() else sha
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def now_utc() -> str:

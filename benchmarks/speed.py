@@ -37,8 +37,6 @@ import dataclasses
 import datetime
 import gc
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -57,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 import vptune
+from benchmarks._provenance import git_commit, machine_info
 from vptune.backbones import vit as vit_mod
 from vptune.backbones.vit import VIT_CONFIGS, VisionTransformer
 
@@ -385,39 +384,6 @@ def compile_single(job: Job, args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Main benchmark
 # --------------------------------------------------------------------------------------------------
-def machine_info(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-                            "threads": torch.get_num_threads(), "python": platform.python_version()}
-    try:
-        info["load_avg_at_start"] = list(os.getloadavg())
-    except OSError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def git_commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10,
-                              check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10, check=False)
-        sha = head.stdout.strip() or None
-        return f"{sha}-dirty" if sha and dirty.stdout.strip() else sha
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def bench_backbone(name: str, methods: list[str], args: argparse.Namespace, device: torch.device,
                    log: Callable[[str], None]) -> list[dict[str, Any]]:
     prec = args.precision

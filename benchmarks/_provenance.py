@@ -1,0 +1,46 @@
+"""What every benchmark result records about where it ran: machine and commit (read-only git)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine_info(device: Any = None) -> dict[str, Any]:
+    """CPU model, cores, torch version and threads, load average at the start, and the GPU if used."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+                            "threads": torch.get_num_threads(), "python": platform.python_version()}
+    try:
+        info["load_avg_at_start"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    if cuda:
+        info["gpu"] = torch.cuda.get_device_name(device if device is not None else 0)
+    return info
+
+
+def git_commit() -> str | None:
+    """``git rev-parse HEAD`` (+ ``-dirty`` when tracked files differ)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10,
+                              check=False)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10, check=False)
+        sha = head.stdout.strip() or None
+        return f"{sha}-dirty" if sha and dirty.stdout.strip() else sha
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from vptune.backbones.base import Backbone, Preprocessing
 from vptune.errors import VptuneError
@@ -57,10 +57,10 @@ def check_format_stamp(obj: Any, path: Path, fmt: str, version: int, *, what: st
                           f"{version}: upgrade vptune")
 
 
-def task_metadata(model: Any, training: dict[str, Any] | None = None) -> dict[str, Any]:
+def task_metadata(model: Any, stored: list[str], training: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``task.json`` contents; ``stored`` names the tensors in ``weights.safetensors``."""
     from vptune import __version__
 
-    state = model.trained_state_dict()
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -72,7 +72,7 @@ def task_metadata(model: Any, training: dict[str, Any] | None = None) -> dict[st
         "backbone": model.backbone.identity(),
         "preprocessing": model.preprocessing.to_dict(),
         "trained_parameters": model.num_trainable_parameters(),
-        "stored_tensors": sorted(state),
+        "stored_tensors": sorted(stored),
         "training": training or {},
     }
 
@@ -82,11 +82,9 @@ def save_task(model: Any, directory: str | Path, training: dict[str, Any] | None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous().cpu() for k, v in model.trained_state_dict().items()}
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        tmp_file = Path(tmp) / WEIGHTS
-        save_file(state, str(tmp_file), metadata={"format": FORMAT, "method": model.method_name})
-        atomic_write_bytes(directory / WEIGHTS, tmp_file.read_bytes())
-    atomic_write_json(directory / TASK_JSON, task_metadata(model, training))
+    payload = save(state, metadata={"format": FORMAT, "method": model.method_name})  # bytes, written once
+    atomic_write_bytes(directory / WEIGHTS, payload)
+    atomic_write_json(directory / TASK_JSON, task_metadata(model, list(state), training))
     return directory
 
 

@@ -10,8 +10,9 @@ What it does, in order:
 1. builds mini-VTAB (``vptune data mini-vtab``) into ``--data`` from ``$VPTUNE_ASSETS/datasets`` when a task
    is missing (finished tasks are kept);
 2. loads the sweep ``--config`` (default ``configs/sweeps/mini_vtab.yaml``: ViT-Ti/16 at 112 px with
-   interpolated position embeddings, 10 epochs with 2 warmup, batch 64, a 3 lr x 2 wd grid per method --
-   the paper's full 10 x 4 grid for the one-pass linear probe --, seeds 42 and 44), applies the flags,
+   interpolated position embeddings, 3 epochs with 1 warmup, batch 32, 2 lrs x 1 wd per method -- the
+   paper's full 10 x 4 grid for the one-pass linear probe --, seeds 42 and 44: sized to finish in about
+   two hours on 2 CPU cores, see the config's header), applies the flags,
    points it at ``--data`` and at the ViT-Ti weights in ``$VPTUNE_ASSETS/weights/``;
 3. prints the plan, the sweep's cost estimate and a time estimate (from finished runs when there are
    some, else from a per-method calibration, see ``--calibrate``);
@@ -131,7 +132,7 @@ def load_spec(args: argparse.Namespace) -> Any:
     if args.epochs is not None:
         overrides.append(f"optim.epochs={args.epochs}")
         warm = args.warmup_epochs
-        if warm is None:  # keep the config's warmup fraction (2 of 10 -> 0.2), below the epoch count
+        if warm is None:  # keep the config's warmup fraction (1 of 3), below the epoch count
             e0, w0 = int(base_optim.get("epochs", 10)), float(base_optim.get("warmup_epochs", 0))
             warm = min(round(args.epochs * w0 / max(e0, 1)), args.epochs - 1)
         overrides.append(f"optim.warmup_epochs={max(0, warm)}")
@@ -434,11 +435,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="results JSON; the report goes next to it in <stem>_report/ (default: %(default)s)")
     p.add_argument("--tasks", default=None, help="comma list of tasks (default: all eight)")
     p.add_argument("--methods", default=None, help="comma list of method labels (default: all nine)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: the config's, 10)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: the config's, 3)")
     p.add_argument("--warmup-epochs", type=int, default=None,
                    help="warmup epochs (default: the config's; with --epochs, its warmup fraction)")
     p.add_argument("--input-size", type=int, default=None, help="image side (default: the config's, 112)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the config's, 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the config's, 32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the config's, auto)")
     p.add_argument("--grid", default=None, metavar="AxB",
                    help="keep the first A lrs and first B wds of every method's grid (e.g. 1x1 for a smoke test)")

@@ -36,8 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vptune import create_model  # noqa: E402
-from vptune.multitask import MultiTaskModel  # noqa: E402
+from vptune import create_model
+from vptune.multitask import MultiTaskModel
 
 # cycled over the K tasks: (method, prompt length)
 TASK_CYCLE = [
@@ -106,11 +106,11 @@ def throughput(backbone, root: Path, size: int, batch: int, reps: int) -> list[d
         x = torch.randn(batch, 3, size, size)
         by_task = {n: [b for b, t in enumerate(names) if t == n] for n in dirs}
 
-        def mixed():
+        def mixed(mt=mt, x=x, names=names):
             with torch.inference_mode():
                 mt(x, names)
 
-        def separate():
+        def separate(mt=mt, x=x, by_task=by_task):
             with torch.inference_mode():
                 for n, idx in by_task.items():
                     mt.tasks[n].model(x[idx])
@@ -326,7 +326,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
-    print("\n## Mixed batch vs each task separately (batch %d, %dx%d)\n" % (args.batch, args.size, args.size))
+    print(f"\n## Mixed batch vs each task separately (batch {args.batch}, {args.size}x{args.size})\n")
     print("| K tasks | max prompts | mixed (img/s) | separate (img/s) | speed-up |")
     print("|---:|---:|---:|---:|---:|")
     for r in rows:

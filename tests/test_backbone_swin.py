@@ -18,7 +18,7 @@ from vptune.errors import VptuneError
 
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(embed_dim=32, depths=(2, 2), num_heads=(2, 4))
+TINY = {"embed_dim": 32, "depths": (2, 2), "num_heads": (2, 4)}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -212,7 +212,7 @@ def test_deep_prompt_shapes_and_merging_options(swin):
         # ... or dropped there
         swin.config.prompt_merge = "drop"
         try:
-            dropped, pooled = run(swin, images, deep[0])
+            dropped, _pooled = run(swin, images, deep[0])
             assert dropped.prompts is None and dropped.num_prompts == 0
             with pytest.raises(VptuneError, match="needs prompts"):
                 swin.pool(dropped, "prompt_mean")

@@ -41,8 +41,9 @@ def fake_tasks(root: Path, tasks: list[str] = MINI_TASKS) -> Path:
     return root
 
 
-@pytest.mark.parametrize("name, size, epochs, seeds", [("mini_vtab", 112, 10, 2), ("mini_vtab_224", 224, 20, 3)])
-def test_mini_vtab_sweeps_plan(name: str, size: int, epochs: int, seeds: int) -> None:
+@pytest.mark.parametrize("name, size, epochs, seeds, shape",
+                         [("mini_vtab", 112, 3, 2, (2, 1)), ("mini_vtab_224", 224, 20, 3, (3, 2))])
+def test_mini_vtab_sweeps_plan(name: str, size: int, epochs: int, seeds: int, shape: tuple[int, int]) -> None:
     spec = S.load_sweep(SWEEPS / f"{name}.yaml")
     assert [t.name for t in spec.tasks] == MINI_TASKS
     assert [m.label for m in spec.methods] == NINE
@@ -54,12 +55,12 @@ def test_mini_vtab_sweeps_plan(name: str, size: int, epochs: int, seeds: int) ->
     assert len(by["linear"].grid.lr) * len(by["linear"].grid.wd) == 40  # the paper's grid, one pass
     for label in NINE[1:]:
         g = by[label].grid
-        assert (len(g.lr), len(g.wd)) == (3, 2), label
+        assert (len(g.lr), len(g.wd)) == shape, label
         paper = SGD_LRS if label in ("mlp-3", "sidetune", "vpt-shallow", "vpt-deep") else ADAMW_LRS
         assert set(g.lr) <= paper, (label, g.lr)  # the paper's scale for the method's optimiser
     grid = S.plan_grid(spec)
-    per_task = 40 + 8 * 6
-    assert len(grid) == 8 * per_task == 704
+    per_task = 40 + 8 * shape[0] * shape[1]
+    assert len(grid) == 8 * per_task
     assert sum(r.one_pass for r in grid) == 8 * 40  # linear: every head in one pass per task
     assert all(r.config["data"]["test_split"] is None for r in grid)  # grid runs never see test
     assert len({r.folder for r in grid}) == len(grid)
@@ -80,11 +81,11 @@ def test_mini_vtab_dry_run_counts(tmp_path: Path) -> None:
     logs: list[str] = []
     outcome = S.run_sweep(spec, dry_run=True, log=logs.append)
     est = outcome.estimate
-    assert est.runs == 704 + 8 * 9 * 2 and est.done == 0
-    assert len(est.work) == 8 * 8 * (6 + 2)  # separate runs: 8 methods x (6 grid + 2 finals) per task
-    assert {e for _, e, _ in est.work} == {10}
+    assert est.runs == 448 + 8 * 9 * 2 and est.done == 0
+    assert len(est.work) == 8 * 8 * (2 + 2)  # separate runs: 8 methods x (2 grid + 2 finals) per task
+    assert {e for _, e, _ in est.work} == {3}
     assert {n for _, _, n in est.work} == {800, 1000}
-    assert "704 grid run(s) + 144 final run(s)" in logs[0]
+    assert "448 grid run(s) + 144 final run(s)" in logs[0]
     assert not (tmp_path / "out").exists()
 
 
@@ -111,9 +112,9 @@ def test_benchmark_flags_shrink_the_plan(tmp_path: Path, monkeypatch: pytest.Mon
     assert spec.base["backbone"]["weights"] == str(weights)
     grid = S.plan_grid(spec)
     assert [(r.method, r.lr, r.wd) for r in grid] == [("linear", 50.0, 0.01), ("vpt-deep", 0.02, 0.0001)]
-    # warmup keeps the config's fraction (2 of 10) when only --epochs is given
-    spec20 = bench.load_spec(bench.parse_args(["--assets", str(tmp_path / "assets"), "--epochs", "20"]))
-    assert spec20.base["optim"]["warmup_epochs"] == 4
+    # warmup keeps the config's fraction (1 of 3) when only --epochs is given
+    spec30 = bench.load_spec(bench.parse_args(["--assets", str(tmp_path / "assets"), "--epochs", "30"]))
+    assert spec30.base["optim"]["warmup_epochs"] == 10
     with pytest.raises(Exception, match="unknown method"):
         bench.load_spec(bench.parse_args(["--assets", str(tmp_path / "assets"), "--methods", "vpt"]))
     monkeypatch.delenv("VPTUNE_ASSETS", raising=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -171,9 +172,9 @@ def test_first_step_lr_is_not_zero_and_schedule_is_warmup_cosine():
         lrs.append(opt.param_groups[0]["lr"])
         sched.step()
     assert lrs[0] == pytest.approx(peak * 0.01) and lrs[0] > 0
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # linear warmup, per iteration
+    assert all(a < b for a, b in itertools.pairwise(lrs[:11]))  # linear warmup, per iteration
     assert lrs[10] == pytest.approx(peak)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine decay
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))  # cosine decay
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)  # reaches min_lr at the end
 
 

@@ -24,9 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thr
 
 
 SPECS = {
-    "shallow3": ("vpt-shallow", 3, dict(num_tokens=3)),
-    "deep5": ("vpt-deep", 5, dict(num_tokens=5, pool="prompt_mean")),
-    "late2": ("vpt-deep", 2, dict(num_tokens=2, deep_layers=-1, pool="image_mean")),
+    "shallow3": ("vpt-shallow", 3, {"num_tokens": 3}),
+    "deep5": ("vpt-deep", 5, {"num_tokens": 5, "pool": "prompt_mean"}),
+    "late2": ("vpt-deep", 2, {"num_tokens": 2, "deep_layers": -1, "pool": "image_mean"}),
     "lin": ("linear", 4, {}),
     "mlp": ("mlp-2", 3, {}),
 }
@@ -49,7 +49,7 @@ def exported(tmp_path_factory):
 
 
 def test_manifest_and_files(exported):
-    _, _, root, manifest = exported
+    _, _, root, _manifest = exported
     out = root / "onnx"
     assert (out / "backbone.onnx").is_file()
     on_disk = json.loads((out / "manifest.json").read_text())
@@ -80,7 +80,7 @@ def test_onnx_matches_each_tuned_model(exported):
 
 
 def test_weight_changing_task_is_refused(exported, tmp_path):
-    backbone, mt, root, _ = exported
+    backbone, _mt, _root, _ = exported
     create_model(backbone, "bias", 2).save_pretrained(tmp_path / "bias")
     mt2 = MultiTaskModel(backbone)
     mt2.add_task("bias", tmp_path / "bias")

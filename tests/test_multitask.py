@@ -17,17 +17,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thr
 
 # name -> (method, num_classes, options)
 TASKS = {
-    "shallow3": ("vpt-shallow", 3, dict(num_tokens=3)),
-    "deep5": ("vpt-deep", 5, dict(num_tokens=5)),
-    "deep2_proj": ("vpt-deep", 4, dict(num_tokens=2, project_dim=8, pool="prompt_mean")),
-    "deep_last": ("vpt-deep", 6, dict(num_tokens=4, deep_layers=-1, pool="image_mean")),
-    "shallow7_mean": ("vpt-shallow", 2, dict(num_tokens=7, pool="prompt_mean")),
+    "shallow3": ("vpt-shallow", 3, {"num_tokens": 3}),
+    "deep5": ("vpt-deep", 5, {"num_tokens": 5}),
+    "deep2_proj": ("vpt-deep", 4, {"num_tokens": 2, "project_dim": 8, "pool": "prompt_mean"}),
+    "deep_last": ("vpt-deep", 6, {"num_tokens": 4, "deep_layers": -1, "pool": "image_mean"}),
+    "shallow7_mean": ("vpt-shallow", 2, {"num_tokens": 7, "pool": "prompt_mean"}),
     "linear": ("linear", 7, {}),
     "mlp": ("mlp-2", 3, {}),
     "bias": ("bias", 4, {}),
     "full": ("full", 2, {}),
-    "adapter": ("adapter", 3, dict(reduction=4)),
-    "sidetune": ("sidetune", 2, dict(width=4)),
+    "adapter": ("adapter", 3, {"reduction": 4}),
+    "sidetune": ("sidetune", 2, {"width": 4}),
 }
 
 
@@ -178,10 +178,10 @@ def test_swin_mixed_batch_equals_each_task_alone(tmp_path, prompt_merge):
     )
     backbone = swin.SwinTransformer(cfg).eval()
     specs = {
-        "s3": ("vpt-shallow", 3, dict(num_tokens=3)),
-        "d5": ("vpt-deep", 5, dict(num_tokens=5)),
+        "s3": ("vpt-shallow", 3, {"num_tokens": 3}),
+        "d5": ("vpt-deep", 5, {"num_tokens": 5}),
         "lin": ("linear", 4, {}),
-        "late": ("vpt-deep", 2, dict(num_tokens=2, deep_layers=-1)),
+        "late": ("vpt-deep", 2, {"num_tokens": 2, "deep_layers": -1}),
         "bias": ("bias", 2, {}),
     }
     mt = MultiTaskModel(backbone, pad_tolerance=None)

@@ -52,11 +52,11 @@ def server(tmp_path_factory):
     backbone = tiny_vit()
     root = tmp_path_factory.mktemp("serve_tasks")
     specs = {
-        "deep": ("vpt-deep", 4, dict(num_tokens=3)),
-        "shallow": ("vpt-shallow", 3, dict(num_tokens=5)),
+        "deep": ("vpt-deep", 4, {"num_tokens": 3}),
+        "shallow": ("vpt-shallow", 3, {"num_tokens": 5}),
         "lin": ("linear", 5, {}),
         "bias": ("bias", 2, {}),
-        "late": ("vpt-shallow", 6, dict(num_tokens=2)),
+        "late": ("vpt-shallow", 6, {"num_tokens": 2}),
     }
     for name, (method, nc, opts) in specs.items():
         m = create_model(backbone, method, nc, label_names=[f"{name}_{i}" for i in range(nc)], **opts)
@@ -206,7 +206,7 @@ def test_bad_inputs_get_clear_4xx_and_the_server_survives(server):
 
 
 def test_load_task_over_http(server):
-    client, mt, root = server
+    client, _mt, _root = server
     r = client.post("/v1/tasks", json={"name": "late", "path": "late"})
     assert r.status_code == 201, r.text
     assert r.json()["loaded"]["method"] == "vpt-shallow"

@@ -24,7 +24,7 @@ from vptune.backbones.checkpoint import config_from_folder
 from vptune.backbones.vit import VisionTransformer, resize_pos_embed
 from vptune.errors import VptuneError
 
-TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8)
+TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32, "patch_size": 8}
 
 
 def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -241,13 +241,13 @@ def _onnx_export(
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        kwargs: dict[str, Any] = dict(
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes=dynamic_axes,
-            opset_version=opset,
-            do_constant_folding=True,
-        )
+        kwargs: dict[str, Any] = {
+            "input_names": input_names,
+            "output_names": output_names,
+            "dynamic_axes": dynamic_axes,
+            "opset_version": opset,
+            "do_constant_folding": True,
+        }
         try:
             torch.onnx.export(module, args, str(path), dynamo=False, **kwargs)
         except TypeError:  # a torch without the ``dynamo`` keyword

@@ -270,7 +270,7 @@ class MultiTaskModel:
         for r, e in enumerate(entries):
             by_task.setdefault(e.name, []).append(r)
         out: list[Tensor | None] = [None] * len(entries)
-        for name, rows in by_task.items():
+        for rows in by_task.values():
             e = entries[rows[0]]
             idx = torch.tensor(rows, device=x.device)
             y = e.model.head(feats[e.pool_mode].index_select(0, idx))  # (n_t, C_t)

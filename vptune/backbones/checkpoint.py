@@ -73,7 +73,7 @@ def _read_safetensors(path: Path) -> StateDict:
 
     try:
         return dict(load_file(str(path), device="cpu"))
-    except Exception as e:  # safetensors raises its own error types for bad headers and short files
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types for bad headers and short files
         raise VptuneError(f"cannot read {str(path)!r}: corrupt or truncated safetensors file ({e})") from None
 
 
@@ -89,7 +89,7 @@ def _read_torch(path: Path) -> Any:
             f"refusing to unpickle {str(path)!r}{what}: vptune loads .pth files with weights_only=True only, "
             "since unpickling can run arbitrary code. If you trust the file, re-save just its tensors, e.g. "
             "safetensors.torch.save_file(state_dict, 'model.safetensors'), and load that") from None
-    except Exception as e:  # zip reader errors, EOF, random bytes
+    except Exception as e:  # noqa: BLE001 -- zip reader errors, EOF, random bytes
         raise VptuneError(f"cannot read {str(path)!r}: corrupt or truncated checkpoint "
                           f"({type(e).__name__}: {str(e)[:200]})") from None
 
@@ -390,7 +390,7 @@ def _fit_pos_embed(sd: dict[str, Tensor], backbone: nn.Module) -> list[str]:
         return []
     if pe.shape[-1] != own.shape[-1]:
         return []  # a width mismatch is reported as a shape mismatch, not papered over
-    side = int(round((own.shape[1] - 1) ** 0.5))
+    side = round((own.shape[1] - 1) ** 0.5)
     config = getattr(backbone, "config", None)
     if getattr(config, "pos_embed", "learn") == "sincos":
         sd["pos_embed"] = sincos_pos_embed(own.shape[-1], (side, side)).to(pe.dtype)
@@ -401,8 +401,8 @@ def _fit_pos_embed(sd: dict[str, Tensor], backbone: nn.Module) -> list[str]:
 
 
 def _refusal(report: LoadReport, own: StateDict, sd: StateDict, arch: str) -> str:
-    lines = [f"refusing a partial load of {report.path or 'the state dict'} (source '{report.source}') "
-             f"into a {arch!r} backbone; pass strict=False to load the matching tensors anyway"]
+    lines = [(f"refusing a partial load of {report.path or 'the state dict'} (source '{report.source}') "
+              f"into a {arch!r} backbone; pass strict=False to load the matching tensors anyway")]
     if report.missing:
         lines.append(f"missing {len(report.missing)}: {_listing(report.missing)}")
     if report.unexpected:

@@ -103,6 +103,11 @@ class Transform:
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         self.interpolation = interpolation
 
+    @property
+    def deterministic(self) -> bool:
+        """Whether an image always maps to the same tensor (no random crop or flip)."""
+        return self.protocol == "vtab" or not self.train
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = to_rgb(img)
         resample = INTERPOLATIONS[self.interpolation]

@@ -86,7 +86,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise VptuneError(f"checkpoint {str(path)!r} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt zip, truncated file, foreign pickle
+    except Exception as e:  # noqa: BLE001 -- corrupt zip, truncated file, foreign pickle
         raise VptuneError(f"cannot read checkpoint {path}: corrupt, truncated or not a vptune checkpoint "
                           f"({type(e).__name__}: {str(e)[:200]})") from None
     check_format_stamp(state, path, FORMAT, FORMAT_VERSION, what="run checkpoint",

@@ -58,7 +58,10 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def make_loader(dataset: Dataset, batch_size: int, *, num_workers: int = 0,
                 device: torch.device | None = None, shuffle: bool = False,
                 generator: torch.Generator | None = None, drop_last: bool = False) -> DataLoader:
-    """A DataLoader; a fixed ``generator`` keeps shuffling and worker seeds off the global RNG."""
+    """A DataLoader; a fixed ``generator`` keeps shuffling and worker seeds off the global RNG. A dataset
+    already in memory is read in the main process (workers would only copy its tensors)."""
+    if getattr(dataset, "in_memory", False):
+        num_workers = 0
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,

@@ -143,8 +143,10 @@ def task_preprocessing(backbone: Backbone, input_size: int | None) -> Preprocess
 
 
 def open_datasets(cfg: TrainConfig, prep: Preprocessing) -> dict[str, Dataset]:
-    """Open the train (training transform), val and test splits of ``cfg.data``."""
+    """Open the train (training transform), val and test splits of ``cfg.data``; splits whose transform
+    is deterministic are decoded once per process and kept in memory (:mod:`vptune.data.memory`)."""
     from vptune.data import DataConfig, open_split
+    from vptune.data.memory import in_memory
 
     d = cfg.data
     if not d.root:
@@ -157,7 +159,7 @@ def open_datasets(cfg: TrainConfig, prep: Preprocessing) -> dict[str, Dataset]:
         splits["val"] = open_split(dc, d.val_split, prep, train=False, seed=seed)
     if d.test_split:
         splits["test"] = open_split(dc, d.test_split, prep, train=False, seed=seed)
-    return splits
+    return {name: in_memory(ds) for name, ds in splits.items()}
 
 
 def infer_classes(train: Dataset, num_classes: int | None,
@@ -539,7 +541,7 @@ def open_tensorboard(log_dir: Path, purge_step: int | None = None) -> Any:
     global _TB_WARNED
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception as e:  # ImportError, or a broken tensorboard/protobuf install
+    except Exception as e:  # noqa: BLE001 -- ImportError, or a broken tensorboard/protobuf install
         if not _TB_WARNED:
             warnings.warn(f"tensorboard is unavailable ({e}); TensorBoard logs are skipped", stacklevel=2)
             _TB_WARNED = True

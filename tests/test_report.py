@@ -67,7 +67,7 @@ def test_report_numbers_are_exact(runs: Path) -> None:
     records = R.find_runs([runs / "sweep", runs / "misc"])
     assert all(r.test_top1 != 99.0 for r in records)  # grid runs left out
     rep = R.build_report(records)
-    assert rep.methods == ["full", "linear", "vpt-deep", "vpt-deep (frac 0.5)", "vpt-shallow"]
+    assert rep.methods == ["full", "linear", "vpt-shallow", "vpt-deep", "vpt-deep (frac 0.5)"]  # paper order
     assert rep.tasks == ["cifar100", "svhn", "dtd10", "eurosat", "clevr_count", "dsprites_loc"]
     c = rep.cells[("cifar100", "vpt-deep")]
     assert (c.mean, c.std, c.n, c.seeds) == (72.0, 2.0, 3, [0, 1, 2])
@@ -139,3 +139,11 @@ def test_report_cli(runs: Path, capsys: pytest.CaptureFixture) -> None:
     (runs / "empty").mkdir()
     assert main(["report", str(runs / "empty")]) == 2
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_methods_follow_the_papers_table_order() -> None:
+    labels = ["vpt-deep", "adapter", "mlp-3", "partial-12", "partial-2", "linear", "full", "bias", "sidetune",
+              "vpt-shallow", "my-method", "vpt-deep (frac 0.5)", "mlp-1"]
+    assert sorted(labels, key=R._method_order) == [
+        "full", "linear", "partial-2", "partial-12", "mlp-1", "mlp-3", "sidetune", "bias", "adapter",
+        "vpt-shallow", "vpt-deep", "vpt-deep (frac 0.5)", "my-method"]

@@ -66,6 +66,19 @@ def _task_order(name: str) -> tuple[int, int, str]:
     return GROUP_ORDER.index(task_group(name)), order.index(key) if key else len(order), name
 
 
+# the paper's column order (Table 1); methods it does not name follow, by name
+METHOD_ORDER = ("full", "linear", "partial", "mlp", "sidetune", "bias", "adapter", "vpt-shallow", "vpt-deep")
+
+
+def _method_order(label: str) -> tuple[int, str, int, str]:
+    """Sort key of a method label like ``partial-1`` or ``vpt-deep (frac 0.5)``: paper order, then k."""
+    base = label.split(" (")[0]
+    found = re.fullmatch(r"(?P<family>.+?)-(?P<k>\d+)", base)
+    family, k = (found["family"], int(found["k"])) if found and found["family"] in METHOD_ORDER else (base, 0)
+    rank = METHOD_ORDER.index(family) if family in METHOD_ORDER else len(METHOD_ORDER)
+    return rank, family, k, label
+
+
 # ------------------------------------------------------------------------------------------------------
 # reading runs
 # ------------------------------------------------------------------------------------------------------
@@ -230,7 +243,7 @@ def build_report(records: Sequence[RunRecord]) -> Report:
                                      round(statistics.fmean(r.trainable_parameters for r in rs)),
                                      round(statistics.fmean(r.stored_bytes for r in rs)), sorted({r.data_format for r in rs}))
     tasks = sorted({t for t, _ in cells}, key=_task_order)
-    methods = sorted({m for _, m in cells})
+    methods = sorted({m for _, m in cells}, key=_method_order)
     backbone = {m: max(r.backbone_parameters for r in records if r.method == m) for m in methods}
     summaries = {m: _summarise(m, [cells[(t, m)] for t in tasks if (t, m) in cells], backbone[m]) for m in methods}
     from vptune.data.tasks import canonical_task

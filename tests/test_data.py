@@ -428,3 +428,26 @@ def test_cli_tasks_and_unknown(capsys):
     assert "smallnorb_ele" in capsys.readouterr().out
     assert main(["data", "generate", "dsprites_size", "--out", "/tmp/never"]) == 2
     assert "valid tasks: dsprites_loc" in capsys.readouterr().err
+
+
+def test_fgvc_without_val_json_gets_the_papers_90_10_split(tmp_path):
+    root = tmp_path / "dogs"
+    train, test = {}, {}
+    for cid, n in ((5, 30), (9, 11), (12, 1)):
+        for i in range(n):
+            rel = f"{cid}/{i}.png"
+            _png(str(root / "images" / rel), (cid * 20, i, 0))
+            train[rel] = cid
+        test[f"{cid}/0.png"] = cid
+    (root / "train.json").write_text(json.dumps(train))
+    (root / "test.json").write_text(json.dumps(test))
+    cfg = DataConfig(root=str(root), protocol="fgvc")
+    tr, va, tv = (open_split(cfg, s, PRE, train=False) for s in ("train", "val", "trainval"))
+    assert (len(tr), len(va), len(tv)) == (42 - 4, 4, 42)  # 10% of each class: 3 + 1 + 0 (a lone image stays)
+    assert sorted(va.labels) == [0, 0, 0, 1] and tr.num_classes == va.num_classes == 3
+    assert not set(tr.source.paths) & set(va.source.paths)
+    assert sorted(tr.source.paths + va.source.paths) == sorted(tv.source.paths)
+    again = open_split(cfg, "val", PRE, train=False)  # fixed seed: the same split every time
+    assert again.source.paths == va.source.paths
+    with pytest.raises(VptuneError, match="available splits: train, val, test, trainval"):
+        open_split(cfg, "validation", PRE, False)

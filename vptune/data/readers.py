@@ -203,7 +203,15 @@ class FgvcReader(Reader):
 
     One label mapping over *every* split file (sorted class ids -> 0..K-1). The reference code remaps each
     split on its own, which shifts labels whenever a split lacks a class; this one never does.
+
+    A folder with ``train.json`` but no ``val.json`` (a public train/test release) gets the paper's 90/10
+    split (REFERENCE.md: "the public train sets are split 90/10 into train/val"): ``val`` is 10% of each
+    class of ``train.json`` (at least one image of a class with two or more), drawn with a fixed seed, so it
+    is the same on every machine; ``train`` is the other 90% and ``trainval`` the whole file.
     """
+
+    VAL_FRACTION = 0.1
+    VAL_SEED = 0
 
     format = "fgvc"
     SPLIT_RE = re.compile(r"^(train|val|test)(_[\w.]+)?\.json$")
@@ -218,12 +226,32 @@ class FgvcReader(Reader):
         if not self.splits:
             raise VptuneError(f"no FGVC split files in {root}; expected train.json, val.json, test.json")
         self._anno = {s: self._read(os.path.join(root, s + ".json")) for s in self.splits}
+        self.derived_val = "val" not in self._anno and "train" in self._anno
+        if self.derived_val:
+            self._split_train()
         ids = {v for a in self._anno.values() for v in a.values()}
         self._ids = sorted(ids, key=lambda v: (0, int(v), "") if re.fullmatch(r"-?\d+", v) else (1, 0, v))
         self._map = {v: i for i, v in enumerate(self._ids)}
         self.num_classes = len(self._ids)
         self.class_names = list(self._ids)
         self.image_dir = self._find_image_dir(image_dir)
+
+    def _split_train(self) -> None:
+        """``train.json`` -> ``train`` (90%), ``val`` (10% of each class) and ``trainval`` (all of it)."""
+        full = self._anno["train"]
+        by_class: dict[str, list[str]] = {}
+        for path, cid in full.items():
+            by_class.setdefault(cid, []).append(path)
+        rng = np.random.default_rng(self.VAL_SEED)
+        val: set[str] = set()
+        for cid in sorted(by_class):
+            paths = sorted(by_class[cid])
+            n = round(self.VAL_FRACTION * len(paths)) or (1 if len(paths) > 1 else 0)
+            val.update(paths[i] for i in rng.permutation(len(paths))[:n])
+        self._anno["train"] = {p: c for p, c in full.items() if p not in val}
+        self._anno["val"] = {p: c for p, c in full.items() if p in val}
+        self._anno["trainval"] = full
+        self.splits = ["train", "val", *(s for s in self.splits if s != "train"), "trainval"]
 
     @staticmethod
     def _read(path: str) -> dict[str, str]:

@@ -79,9 +79,9 @@ def _make_room(need: int, budget: int) -> None:
         used -= x.numel() * x.element_size()
 
 
-def in_memory(ds: Dataset) -> Dataset:
-    """``ds`` decoded once into memory when its transform is deterministic and it fits the budget, else
-    ``ds`` itself. Splits already decoded by this process are reused."""
+def in_memory(ds: Dataset, workers: int = 0) -> Dataset:
+    """``ds`` decoded once into memory (by ``workers`` DataLoader processes) when its transform is
+    deterministic and it fits the budget, else ``ds`` itself. Splits already decoded are reused."""
     if not isinstance(ds, ImageDataset) or len(ds) == 0:
         return ds
     key = cache_key(ds)
@@ -96,9 +96,10 @@ def in_memory(ds: Dataset) -> Dataset:
     if need > budget:
         return ds
     images = torch.empty((len(ds), *first.shape), dtype=first.dtype)
-    images[0] = first
-    for i in range(1, len(ds)):
-        images[i] = ds[i][0]
+    pos = 0
+    for x, _ in torch.utils.data.DataLoader(ds, batch_size=64, num_workers=max(0, int(workers))):
+        images[pos:pos + len(x)] = x  # (B, 3, S, S), in order
+        pos += len(x)
     labels = torch.tensor(ds.labels, dtype=torch.int64)
     _make_room(need, budget)
     _CACHE[key] = (images, labels)

@@ -159,7 +159,7 @@ def open_datasets(cfg: TrainConfig, prep: Preprocessing) -> dict[str, Dataset]:
         splits["val"] = open_split(dc, d.val_split, prep, train=False, seed=seed)
     if d.test_split:
         splits["test"] = open_split(dc, d.test_split, prep, train=False, seed=seed)
-    return {name: in_memory(ds) for name, ds in splits.items()}
+    return {name: in_memory(ds, workers=d.num_workers) for name, ds in splits.items()}
 
 
 def infer_classes(train: Dataset, num_classes: int | None,

@@ -23,6 +23,7 @@ import torch
 from vptune.artifact import atomic_write_bytes, atomic_write_json
 from vptune.backbones.vit import VisionTransformer, ViTConfig
 from vptune.demo import shapes
+from vptune.engine.trainer import SilentBar, progress_bar
 from vptune.errors import VptuneError
 
 
@@ -99,7 +100,7 @@ def pretrain(recipe: PretrainRecipe, cache_root: Path, *, log: Callable[[str], N
     total = recipe.epochs * steps_per_epoch
     warm = max(1, int(total * recipe.warmup_frac))
     gen = torch.Generator().manual_seed(recipe.seed)
-    bar = _bar(total, "  pretraining", progress)
+    bar = progress_bar(total, "  pretraining", progress)
     step, val = 0, 0.0
     for epoch in range(recipe.epochs):
         model.train()
@@ -121,7 +122,7 @@ def pretrain(recipe: PretrainRecipe, cache_root: Path, *, log: Callable[[str], N
             bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", refresh=False)
         val = _accuracy(model, head, xval, yval)
         bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", val=f"{val:.1f}%")
-        if isinstance(bar, _NoBar):
+        if isinstance(bar, SilentBar):
             log(f"  pretraining epoch {epoch + 1}/{recipe.epochs}: loss {value:.3f}, upstream val top-1 {val:.1f}% "
                 f"({time.time() - t0:.0f} s)")
     bar.close()
@@ -147,34 +148,10 @@ def _accuracy(model: torch.nn.Module, head: torch.nn.Module, x: torch.Tensor, y:
 
 
 def _save(folder: Path, model: VisionTransformer, meta: dict[str, Any]) -> None:
-    import tempfile
-
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        save_file(state, str(Path(tmp) / "model.safetensors"), metadata={"format": "vptune-demo-backbone"})
-        atomic_write_bytes(folder / "model.safetensors", (Path(tmp) / "model.safetensors").read_bytes())
+    payload = save(state, metadata={"format": "vptune-demo-backbone"})  # bytes, written once
+    atomic_write_bytes(folder / "model.safetensors", payload)
     atomic_write_json(folder / "config.json", meta)  # written last: marks the entry complete
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **kw: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _bar(total: int, desc: str, enabled: bool) -> Any:
-    import sys
-
-    if not enabled or not sys.stderr.isatty():  # a log file gets one line per epoch instead
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)

@@ -549,7 +549,9 @@ def open_tensorboard(log_dir: Path, purge_step: int | None = None) -> Any:
     return SummaryWriter(str(log_dir), purge_step=purge_step)
 
 
-class _NoBar:
+class SilentBar:
+    """The progress bar off a terminal: accepts the tqdm calls the loops make and prints nothing."""
+
     def update(self, n: int = 1) -> None:
         pass
 
@@ -563,7 +565,7 @@ class _NoBar:
 def progress_bar(total: int, desc: str, enabled: bool) -> Any:
     """A tqdm bar on a terminal when ``enabled``; a silent stand-in otherwise."""
     if not enabled or not sys.stderr.isatty():
-        return _NoBar()
+        return SilentBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False)
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)

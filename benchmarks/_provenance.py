@@ -23,6 +23,9 @@ def machine_info(device: Any = None) -> dict[str, Any]:
         pass
     info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
                             "threads": torch.get_num_threads(), "python": platform.python_version()}
+    from vptune.engine.evaluate import cpu_has_native_bf16
+
+    info["cpu_native_bf16"] = cpu_has_native_bf16()  # avx512_bf16 / amx_bf16 in /proc/cpuinfo
     try:
         info["load_avg_at_start"] = [round(v, 2) for v in os.getloadavg()]
     except OSError:

@@ -120,7 +120,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         + "method:\n  name: vpt-deep\n  options: {num_tokens: 2, dropout: 0.0}\n"
         "data:\n  train_split: train800\n  val_split: val200\n  test_split: test\n  num_workers: 0\n"
         "optim:\n  epochs: 2\n  warmup_epochs: 1\n  batch_size: 8\n  base_lr: 5.0\n  weight_decay: 0.001\n"
-        "runtime:\n  device: cpu\n  seed: 7\n  progress: false\n")
+        "  optimizer: paper\n  lr_scaling: linear\n"
+        "runtime:\n  device: cpu\n  seed: 7\n  progress: false\n  precision: fp32\n")
     return {"data": data, "weights": weights, "config": config}
 
 

@@ -67,6 +67,7 @@ def task_metadata(model: Any, stored: list[str], training: dict[str, Any] | None
         "vptune_version": __version__,
         "method": model.method_name,
         "options": model.method.option_dict(),
+        "head_norm": getattr(model, "head_norm", "none"),
         "num_classes": model.num_classes,
         "label_names": model.label_names,
         "backbone": model.backbone.identity(),
@@ -137,7 +138,8 @@ def load_task(directory: str | Path, backbone: Backbone, *, check_backbone: bool
     if check_backbone:
         verify_backbone(meta, backbone, str(directory))
     model = create_model(backbone, meta["method"], int(meta["num_classes"]),
-                         label_names=meta.get("label_names"), **meta.get("options", {}))
+                         label_names=meta.get("label_names"), head_norm=meta.get("head_norm", "none"),
+                         **meta.get("options", {}))
     state = read_weights(directory)
     expected = model.trained_state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

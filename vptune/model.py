@@ -21,11 +21,12 @@ from torch import Tensor, nn
 
 from vptune.backbones.base import Backbone
 from vptune.methods import Method, build_method, set_trainable
+from vptune.methods.base import build_task_head
 
 
 class TunedModel(nn.Module):
     def __init__(self, backbone: Backbone, method: Method, num_classes: int,
-                 label_names: list[str] | None = None) -> None:
+                 label_names: list[str] | None = None, head_norm: str = "none", head_init: str = "small") -> None:
         super().__init__()
         backbone.fingerprint()  # pin the pretrained identity before any copy trains
         if method.changes_backbone:
@@ -34,7 +35,8 @@ class TunedModel(nn.Module):
         self.method = method
         self.num_classes = int(num_classes)
         self.label_names = list(label_names) if label_names else [str(i) for i in range(num_classes)]
-        self.head = method.build_head(backbone.num_features, num_classes)
+        self.head_norm = head_norm
+        self.head = build_task_head(method, backbone.num_features, num_classes, head_norm, head_init)
         self.gradient_checkpointing = False
         self.preprocessing = copy.deepcopy(backbone.preprocessing)  # per task: input size may differ
         self.trainable_names = set_trainable(self, method.trainable_patterns(backbone) + [r"^head\."])
@@ -101,12 +103,17 @@ class TunedModel(nn.Module):
 
 
 def create_model(backbone: Backbone, method: str, num_classes: int, *, label_names: list[str] | None = None,
-                 **options: Any) -> TunedModel:
-    """Adapt ``backbone`` to a ``num_classes`` task with a registered method (see ``list_methods()``)."""
+                 head_norm: str = "none", head_init: str = "small", **options: Any) -> TunedModel:
+    """Adapt ``backbone`` to a ``num_classes`` task with a registered method (see ``list_methods()``).
+
+    ``head_norm="batchnorm"`` puts a BatchNorm without affine parameters before the head (MAE's linear
+    probe; it makes the head's lr independent of the backbone's feature scale); ``head_init="reference"``
+    uses the reference code's head init (kaiming-normal fan-out, bias -4.595) instead of a small one."""
     from vptune.errors import VptuneError
 
     if int(num_classes) < 1:
         raise VptuneError(f"num_classes must be >= 1, got {num_classes}")
     if label_names is not None and len(label_names) != num_classes:
         raise VptuneError(f"{len(label_names)} label names given for {num_classes} classes")
-    return TunedModel(backbone, build_method(method, backbone, **options), num_classes, label_names)
+    return TunedModel(backbone, build_method(method, backbone, **options), num_classes, label_names,
+                      head_norm=head_norm, head_init=head_init)

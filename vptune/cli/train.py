@@ -24,7 +24,7 @@ TRAIN_FLAGS = {
     "backbone": "backbone.name", "weights": "backbone.weights", "method": "method.name", "data": "data.root",
     "epochs": "optim.epochs", "batch_size": "optim.batch_size", "lr": "optim.base_lr",
     "wd": "optim.weight_decay",
-    "output": "output", "seed": "runtime.seed", "device": "runtime.device",
+    "output": "output", "seed": "runtime.seed", "device": "runtime.device", "recipe": "recipe",
 }
 
 
@@ -51,7 +51,9 @@ def _register_train(sub: Any) -> None:
     p.add_argument("--data", help="dataset folder (data.root)")
     p.add_argument("--epochs", type=int, help="optim.epochs")
     p.add_argument("--batch-size", type=int, help="optim.batch_size")
-    p.add_argument("--lr", type=float, help="base lr for batch size 256 (optim.base_lr; lr = base_lr*bs/256)")
+    p.add_argument("--lr", type=float, help="peak lr (optim.base_lr; with optim.lr_scaling=linear the lr for "
+                                           "batch 256, lr = base_lr*bs/256); default: the method's own")
+    p.add_argument("--recipe", help="default (vptune's) or reference (the reference code's training)")
     p.add_argument("--wd", type=float, help="weight decay (optim.weight_decay)")
     p.add_argument("--output", help="run folder (output)")
     p.add_argument("--seed", type=int, help="runtime.seed")
@@ -148,6 +150,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         from vptune.artifact import atomic_write_json
 
         atomic_write_json(Path(args.json), summary)
+    if summary.get("status") == "diverged":
+        print(f"{summary['diverged']} (recorded in {Path(cfg.output) / 'result.json'})", file=sys.stderr)
+        return 3
     for split in ("val", "test"):
         if summary.get(split):
             print(f"{split} top-1: {summary[split]['top1']:.2f}%  top-5: {summary[split]['top5']:.2f}%")

@@ -30,6 +30,9 @@ INTERPOLATIONS = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+# TensorFlow's bilinear resize (tf.image.resize, half-pixel centres, no antialiasing when shrinking), as
+# the reference code's VTAB pipeline resizes; the task stores it as its interpolation.
+TF_BILINEAR = "tf_bilinear"
 # Pillow refuses truncated files by default; keep it that way (a truncated file is a corrupt file).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -96,7 +99,7 @@ class Transform:
     def __init__(self, protocol: str, train: bool, size: int, mean: Sequence[float], std: Sequence[float],
                  interpolation: str = "bilinear") -> None:
         check_choice("protocol", protocol, PROTOCOLS)
-        check_choice("interpolation", interpolation, INTERPOLATIONS)
+        check_choice("interpolation", interpolation, (*INTERPOLATIONS, TF_BILINEAR))
         if int(size) < 8:
             raise VptuneError(f"input size must be at least 8 pixels, got {size}")
         self.protocol, self.train, self.size = protocol, bool(train), int(size)
@@ -110,6 +113,8 @@ class Transform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = to_rgb(img)
+        if self.interpolation == TF_BILINEAR:
+            return self._tf_call(img)
         resample = INTERPOLATIONS[self.interpolation]
         s = self.size
         if self.protocol == "vtab":
@@ -128,9 +133,39 @@ class Transform:
                 img = img.crop((off, off, off + s, off + s))
         return to_tensor(img, self.mean, self.std)
 
+    def _tf_call(self, img: Image.Image) -> torch.Tensor:
+        """The same protocol with TensorFlow's bilinear resize on float pixels (no rounding to uint8)."""
+        s = self.size
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()  # (3, H, W)
+        r = s if self.protocol == "vtab" else fgvc_resize_size(s)
+        x = tf_bilinear_resize(x, r, r)  # (3, r, r), values in [0, 255]
+        if self.protocol == "fgvc":
+            if self.train:
+                top = int(torch.randint(0, r - s + 1, (1,)))
+                left = int(torch.randint(0, r - s + 1, (1,)))
+                x = x[:, top:top + s, left:left + s]
+                if bool(torch.rand(()) < 0.5):
+                    x = x.flip(-1)
+            else:
+                off = round((r - s) / 2.0)
+                x = x[:, off:off + s, off:off + s]
+        m = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        sd = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return (x / 255.0 - m) / sd
+
     def __repr__(self) -> str:
         return (f"Transform(protocol={self.protocol!r}, train={self.train}, size={self.size}, "
                 f"interpolation={self.interpolation!r}, mean={self.mean}, std={self.std})")
+
+
+def tf_bilinear_resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(C, H, W) float -> (C, height, width) as ``tf.image.resize(..., method="bilinear")``: sample
+    positions at half-pixel centres, ``src = (dst + 0.5) * in / out - 0.5`` clamped to the image, two-tap
+    linear interpolation, no antialiasing when shrinking (unlike Pillow's resize)."""
+    import torch.nn.functional as F
+
+    return F.interpolate(x.unsqueeze(0), size=(height, width), mode="bilinear", align_corners=False,
+                         antialias=False).squeeze(0)
 
 
 def build_transform(preprocessing: Preprocessing, protocol: str, train: bool,

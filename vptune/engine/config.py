@@ -23,8 +23,13 @@ import yaml
 
 from vptune.errors import VptuneError, check_choice
 
-OPTIMIZERS = ("auto", "sgd", "adamw")
-PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("auto", "paper", "sgd", "adamw")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LR_SCALINGS = ("none", "linear")
+SCHEDULES = ("step", "epoch")
+NORMALIZATIONS = ("backbone", "imagenet")
+HEAD_NORMS = ("none", "batchnorm")
+HEAD_INITS = ("small", "reference")
 
 
 @dataclass
@@ -42,16 +47,22 @@ class BackboneCfg:
 
 @dataclass
 class MethodCfg:
-    """name: a method (``vptune.list_methods()``); options: that method's options."""
+    """name: a method (``vptune.list_methods()``); options: that method's options.
+    head_norm: none | batchnorm (a BatchNorm without affine before the head, for every method alike).
+    head_init: small (trunc_normal 0.01, bias 0) | reference (kaiming-normal fan-out, bias -4.595)."""
 
     name: str = "vpt-deep"
     options: dict = field(default_factory=dict)
+    head_norm: str = "none"
+    head_init: str = "small"
 
 
 @dataclass
 class DataCfg:
     """Splits: VTAB-1k names (train800, val200, train800val200, test) or the format's own names.
-    val_split: None = no validation (the final VTAB protocol trains on train800val200)."""
+    val_split: None = no validation (the final VTAB protocol trains on train800val200).
+    normalize: backbone (the checkpoint's mean/std) | imagenet (the reference code's, for every backbone).
+    antialias: False resizes as TensorFlow's bilinear resize does (no antialiasing), as the reference."""
 
     root: str = ""
     format: str = "auto"
@@ -62,16 +73,26 @@ class DataCfg:
     num_workers: int = 2
     fraction: float = 1.0
     skip_corrupt: bool = False
+    normalize: str = "backbone"
+    antialias: bool = True
 
 
 @dataclass
 class OptimCfg:
-    """optimizer: auto = the method's (paper: SGD for linear/mlp/sidetune/vpt, AdamW for
-    full/partial/bias/adapter). lr = base_lr * batch_size / 256. Linear warmup from
-    lr * warmup_start_factor (never 0), then cosine to min_lr, stepped every iteration."""
+    """optimizer: auto = the method's in vptune's recipe (AdamW for prompts, see vptune/engine/recipes.py),
+    paper = the paper's (SGD for linear/mlp/sidetune/vpt, AdamW for full/partial/bias/adapter), or named.
+    base_lr: None = the method's default for its optimiser. The peak lr is base_lr itself
+    (lr_scaling: none) or base_lr * batch_size / 256 (lr_scaling: linear, the paper's rule).
+    lr_scale: per-group factors on the peak lr ({prompts: 2.0, head: 0.5}; groups per method).
+    schedule: step = linear warmup from lr * warmup_start_factor, then cosine to min_lr, every iteration;
+    epoch = the reference code's staircase (stepped once per epoch, warmup from 0).
+    divergence_factor: a loss above this times max(ln(classes), first loss) ends the run as diverged."""
 
     optimizer: str = "auto"
-    base_lr: float = 0.25
+    base_lr: float | None = None
+    lr_scaling: str = "none"
+    lr_scale: dict = field(default_factory=dict)
+    schedule: str = "step"
     weight_decay: float = 1e-4
     momentum: float = 0.9
     batch_size: int = 64
@@ -81,15 +102,17 @@ class OptimCfg:
     min_lr: float = 0.0
     grad_clip: float | None = None
     label_smoothing: float = 0.0
+    divergence_factor: float = 10.0
 
 
 @dataclass
 class RuntimeCfg:
-    """precision: fp32 | bf16 | fp16 (autocast on GPU; bf16 also on CPU). eval_every: validate every
+    """precision: auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16 | fp16
+    (autocast on GPU; bf16 also on CPU). eval_every: validate every
     N epochs (0: only at the end). max_steps: stop after this many steps (debugging)."""
 
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     compile: bool = False
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -100,6 +123,10 @@ class RuntimeCfg:
 
 @dataclass
 class TrainConfig:
+    """recipe: default (vptune's) | reference (the reference code's training, see recipes.py): a preset
+    of values that the config's own keys override."""
+
+    recipe: str = "default"
     backbone: BackboneCfg = field(default_factory=BackboneCfg)
     method: MethodCfg = field(default_factory=MethodCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -138,7 +165,9 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 def config_from_dict(d: dict[str, Any] | None) -> TrainConfig:
     """Build a :class:`TrainConfig` from a nested dict; unknown keys and bad types raise VptuneError."""
-    return _build(TrainConfig, d or {}, "")
+    from vptune.engine.recipes import with_recipe
+
+    return _build(TrainConfig, with_recipe(d or {}), "")
 
 
 def dump_config(cfg: TrainConfig) -> str:
@@ -189,18 +218,27 @@ def validate_config(cfg: TrainConfig) -> None:
     o, r = cfg.optim, cfg.runtime
     check_choice("optimizer", o.optimizer, OPTIMIZERS)
     check_choice("precision", r.precision, PRECISIONS)
+    check_choice("optim.lr_scaling", o.lr_scaling, LR_SCALINGS)
+    check_choice("optim.schedule", o.schedule, SCHEDULES)
+    check_choice("data.normalize", cfg.data.normalize, NORMALIZATIONS)
+    check_choice("method.head_norm", cfg.method.head_norm, HEAD_NORMS)
+    check_choice("method.head_init", cfg.method.head_init, HEAD_INITS)
+    _check_lr_scale(o.lr_scale)
     positive = {"optim.batch_size": o.batch_size, "optim.epochs": o.epochs}
     for key, value in positive.items():
         if value < 1:
             raise VptuneError(f"{key} must be >= 1, got {value}")
-    nonneg = {"optim.base_lr": o.base_lr, "optim.weight_decay": o.weight_decay, "optim.min_lr": o.min_lr,
+    nonneg = {"optim.base_lr": o.base_lr if o.base_lr is not None else 0.0,
+              "optim.divergence_factor": o.divergence_factor,
+              "optim.weight_decay": o.weight_decay, "optim.min_lr": o.min_lr,
               "optim.warmup_epochs": o.warmup_epochs, "runtime.eval_every": r.eval_every,
               "data.num_workers": cfg.data.num_workers}
     for key, value in nonneg.items():
         if value < 0 or (isinstance(value, float) and not math.isfinite(value)):
             raise VptuneError(f"{key} must be >= 0, got {value}")
-    if not 0.0 < o.warmup_start_factor <= 1.0:
-        raise VptuneError(f"optim.warmup_start_factor must be in (0, 1], got {o.warmup_start_factor}")
+    if not 0.0 < o.warmup_start_factor <= 1.0 and not (o.schedule == "epoch" and o.warmup_start_factor == 0):
+        raise VptuneError(f"optim.warmup_start_factor must be in (0, 1] (a first step at lr 0 changes nothing; "
+                          f"0 only with optim.schedule=epoch, the reference code's), got {o.warmup_start_factor}")
     if not 0.0 <= o.label_smoothing < 1.0:
         raise VptuneError(f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
     if not 0.0 <= o.momentum < 1.0:
@@ -214,6 +252,13 @@ def validate_config(cfg: TrainConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------------ internals
+
+def _check_lr_scale(scales: dict) -> None:
+    for group, factor in scales.items():
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) \
+                or factor < 0:
+            raise VptuneError(f"optim.lr_scale.{group} must be a number >= 0, got {factor!r}")
+
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():

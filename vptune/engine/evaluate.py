@@ -39,16 +39,44 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively: the ``avx512_bf16`` or ``amx_bf16`` flag in
+    ``/proc/cpuinfo`` (Linux x86). Elsewhere (no such file, other ISAs) False, so ``auto`` stays fp32:
+    without native support bf16 autocast is emulated and slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        return False
+    return False
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``auto`` -> bf16 on CUDA (when the GPU supports it) and on CPUs with native bf16, else fp32."""
+    check_choice("precision", precision, ("auto", "fp32", "bf16", "fp16"))
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
 def check_precision(device: torch.device, precision: str) -> None:
-    """fp32 anywhere; bf16 on GPU or CPU; fp16 on GPU only (with a GradScaler when training)."""
-    check_choice("precision", precision, ("fp32", "bf16", "fp16"))
+    """auto or fp32 anywhere; bf16 on GPU or CPU; fp16 on GPU only (with a GradScaler when training)."""
+    check_choice("precision", precision, ("auto", "fp32", "bf16", "fp16"))
     if precision == "fp16" and device.type != "cuda":
         raise VptuneError("precision fp16 needs a CUDA device; use fp32 or bf16 on "
                           f"{device.type}")
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for bf16/fp16 (a no-op for fp32)."""
+    """Autocast for bf16/fp16 (a no-op for fp32); ``auto`` is resolved by :func:`resolve_precision`."""
+    precision = resolve_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext()
     check_precision(device, precision)

@@ -61,6 +61,7 @@ class HeadRecipe:
     momentum: float = 0.9
     label_smoothing: float = 0.0
     grad_clip: float | None = None
+    lr_scaling: str = "linear"
 
     @classmethod
     def from_optim(cls, optim: Mapping[str, Any]) -> HeadRecipe:
@@ -68,8 +69,10 @@ class HeadRecipe:
         return cls(**{k: optim[k] for k in names})
 
     def peak_lr(self, base_lr: float) -> float:
-        """lr = base_lr * batch_size / 256 (REFERENCE.md "Training recipe")."""
-        return float(base_lr) * self.batch_size / 256.0
+        """lr = base_lr * batch_size / 256 (``lr_scaling: linear``, REFERENCE.md "Training recipe") or
+        base_lr itself (``none``), as :func:`vptune.engine.optim.scaled_lr`."""
+        factor = self.batch_size / 256.0 if self.lr_scaling == "linear" else 1.0
+        return float(base_lr) * factor
 
     def drop_last(self, n: int) -> bool:
         """As the trainer: drop the last batch only when it would hold a single image."""
@@ -377,11 +380,17 @@ def one_pass_eligible(cfg: Any) -> str | None:
     """None when a config can train in a one-pass linear sweep, else why not (a sentence)."""
     if cfg.method.name != "linear":
         return f"method {cfg.method.name!r} is not the linear probe"
-    if cfg.optim.optimizer not in ("auto", "sgd"):
+    if cfg.optim.optimizer not in ("auto", "paper", "sgd"):
         return f"optimizer {cfg.optim.optimizer!r} (the one-pass sweep implements SGD with momentum)"
+    if cfg.optim.schedule != "step" or cfg.optim.lr_scale:
+        return "a per-epoch schedule or per-group lr factors are set (the one-pass sweep steps per iteration)"
+    if cfg.method.head_norm != "none" or cfg.method.head_init != "small":
+        return "a head norm or the reference head init is set"
+    if cfg.data.normalize != "backbone" or not cfg.data.antialias:
+        return "the reference input pipeline is set"
     if cfg.data.protocol != "vtab":
         return f"protocol {cfg.data.protocol!r} augments training images, so features cannot be cached"
-    if cfg.runtime.max_steps is not None or cfg.runtime.precision != "fp32":
+    if cfg.runtime.max_steps is not None or cfg.runtime.precision not in ("auto", "fp32"):
         return "runtime.max_steps or a reduced precision is set"
     return None
 
@@ -467,14 +476,14 @@ def _write_linear_run(cfg: Any, backbone: Any, weight: Tensor, bias: Tensor, tra
         "steps": cfg.optim.epochs * HeadRecipe.from_optim(vars(cfg.optim)).steps_per_epoch(n_train),
         "trainable_parameters": model.num_trainable_parameters(), "stored_bytes": None,
         "backbone_parameters": model.num_backbone_parameters(), "method": model.method_name, "options": {},
-        "num_classes": model.num_classes, "optimizer": "sgd", "lr": scaled_lr(cfg.optim),
+        "num_classes": model.num_classes, "optimizer": "sgd", "lr": scaled_lr(cfg.optim, model),
         "backbone": {"name": b.name, "weights": str(Path(b.weights).resolve()) if b.weights else None,
                      "source": b.source, "input_size": b.input_size, "config": dict(b.config),
                      "sha256": backbone.fingerprint()},
         "data": {"root": str(Path(d.root).resolve()), "format": d.format, "protocol": d.protocol,
                  "train_split": d.train_split, "val_split": d.val_split, "test_split": d.test_split,
                  "n_train": n_train, "n_val": val["n"] if val else 0, "n_test": test["n"] if test else 0},
-        "seed": cfg.runtime.seed, "device": "features", "precision": cfg.runtime.precision,
+        "seed": cfg.runtime.seed, "device": "features", "precision": "fp32",
         "config": config_to_dict(cfg), "wall_s": round(wall, 3),
         "one_pass": {"heads": heads, "note": "trained by the one-pass linear sweep on cached features"},
     }

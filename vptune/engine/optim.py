@@ -1,11 +1,15 @@
-"""The paper's optimisation recipe (VPT, Sec. 4.1 and the reference code), with its lr-0 bug fixed.
+"""Optimisers, parameter groups and lr schedules (VPT, Sec. 4.1 and the reference code; recipes.py).
 
-- Optimiser per method (``model.method.optimizer``): SGD, momentum 0.9, for linear, MLP, sidetune and VPT;
-  AdamW for full, partial, bias and adapter. Only trainable parameters enter the optimiser, so frozen
-  ones never get optimiser state.
-- ``lr = base_lr * batch_size / 256``.
-- Weight decay on weights and prompts; none on biases, norm weights (LayerNorm, BatchNorm, GroupNorm) or
-  other 0-/1-D parameters (e.g. the sidetune blend alpha).
+- Optimiser per method: ``model.method.optimizer`` (vptune's recipe: AdamW for prompts) or, with
+  ``optimizer: paper``, ``model.method.paper_optimizer`` (SGD, momentum 0.9, for linear, MLP, sidetune and
+  VPT; AdamW for full, partial, bias and adapter). Only trainable parameters enter the optimiser, so
+  frozen ones never get optimiser state.
+- Peak lr: ``base_lr`` (``lr_scaling: none``) or ``base_lr * batch_size / 256`` (``linear``, the paper's
+  rule); without a ``base_lr`` the method's ``default_lr`` for its optimiser. Per-group factors
+  (``lr_scale``) over the groups a method declares (``lr_groups``) plus ``head`` and ``other``.
+- Weight decay on weights and prompts; none on biases, norm weights (LayerNorm, BatchNorm, GroupNorm),
+  other 0-/1-D parameters (e.g. the sidetune blend alpha) or what a method declares in
+  ``no_decay_patterns``.
 - Schedule stepped every iteration: linear warmup from ``lr * warmup_start_factor`` (never 0; the reference
   code's first epoch runs at lr 0), then cosine decay to ``min_lr``.
 """
@@ -13,66 +17,103 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
 from torch import nn
 
 from vptune.engine.config import OptimCfg
-from vptune.errors import check_choice
+from vptune.errors import VptuneError, check_choice
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
               nn.modules.instancenorm._InstanceNorm)
 
 
-def scaled_lr(optim: OptimCfg) -> float:
-    """The peak learning rate: ``base_lr * batch_size / 256`` (the paper's linear scaling rule)."""
-    return optim.base_lr * optim.batch_size / 256.0
-
-
 def resolve_optimizer_name(optim: OptimCfg, model: nn.Module) -> str:
-    """``optim.optimizer``, or the method's own (the paper's) when it is ``"auto"``."""
-    check_choice("optimizer", optim.optimizer, ("auto", "sgd", "adamw"))
-    if optim.optimizer != "auto":
-        return optim.optimizer
-    return str(getattr(getattr(model, "method", None), "optimizer", "sgd"))
+    """``optim.optimizer``: ``auto`` = the method's in vptune's recipe, ``paper`` = the paper's (Sec. 4.1)."""
+    check_choice("optimizer", optim.optimizer, ("auto", "paper", "sgd", "adamw"))
+    method = getattr(model, "method", None)
+    if optim.optimizer == "auto":
+        return str(getattr(method, "optimizer", "sgd"))
+    if optim.optimizer == "paper":
+        return str(getattr(method, "paper_optimizer", "sgd"))
+    return optim.optimizer
+
+
+def scaled_lr(optim: OptimCfg, model: nn.Module | None = None) -> float:
+    """The peak learning rate: ``base_lr`` (lr_scaling none) or ``base_lr * batch_size / 256`` (linear, the
+    paper's rule). Without a base_lr, the method's default peak lr for its optimiser (never scaled)."""
+    if optim.base_lr is None:
+        method = getattr(model, "method", None)
+        if method is None:
+            raise VptuneError("optim.base_lr is not set and there is no method to take a default lr from")
+        return float(method.default_lr[resolve_optimizer_name(optim, model)])
+    factor = optim.batch_size / 256.0 if optim.lr_scaling == "linear" else 1.0
+    return float(optim.base_lr) * factor
 
 
 def no_decay_names(model: nn.Module) -> set[str]:
-    """Parameter names that get no weight decay: biases, norm weights and 1-D/0-D tensors except prompts."""
+    """Parameter names that get no weight decay: biases, norm weights, 0-D/1-D tensors, and what the
+    method declares in ``no_decay_patterns`` (anchored patterns)."""
     names: set[str] = set()
     for mod_name, module in model.named_modules():
         if isinstance(module, NORM_TYPES):
             own = module.named_parameters(recurse=False)
             names.update(f"{mod_name}.{n}" if mod_name else n for n, _ in own)
+    declared = [re.compile(p) for p in getattr(getattr(model, "method", None), "no_decay_patterns", ())]
     for name, p in model.named_parameters():
-        is_prompt = "prompt" in name
-        if name.endswith(".bias") or (p.ndim <= 1 and not is_prompt):
+        if name.endswith(".bias") or p.ndim <= 1 or any(c.match(name) for c in declared):
             names.add(name)
     return names
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups of trainable parameters: with and without weight decay (empty groups left out)."""
+def lr_group_of(model: nn.Module) -> tuple[Any, list[str]]:
+    """(name -> lr group, valid group names): ``head`` for the head, the method's declared ``lr_groups``,
+    ``other`` for any trained tensor they do not name."""
+    declared = getattr(getattr(model, "method", None), "lr_groups", {})
+    compiled = [(g, [re.compile(p) for p in pats]) for g, pats in declared.items()]
+
+    def group(name: str) -> str:
+        if name.startswith("head."):
+            return "head"
+        return next((g for g, pats in compiled if any(c.match(name) for c in pats)), "other")
+    return group, ["head", *declared, "other"]
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                 lr_scale: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Trainable parameters in groups of (lr group, with/without weight decay), empty groups left out.
+    Each group's ``lr`` is ``lr * lr_scale[group]`` (factor 1 for groups not named)."""
     skip = no_decay_names(model)
+    group_of, valid = lr_group_of(model)
+    scales = dict(lr_scale or {})
+    unknown = sorted(set(scales) - set(valid))
+    if unknown:
+        raise VptuneError(f"optim.lr_scale names unknown group(s) {unknown}; groups of this method: "
+                          f"{', '.join(valid)}")
     trainable = model.trainable_parameters() if hasattr(model, "trainable_parameters") else [
         (n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [(n, p) for n, p in trainable if n not in skip]
-    plain = [(n, p) for n, p in trainable if n in skip]
-    groups = [{"params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay},
-              {"params": [p for _, p in plain], "names": [n for n, _ in plain], "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    groups = []
+    for g in valid:
+        for decay in (True, False):
+            members = [(n, p) for n, p in trainable if group_of(n) == g and (n not in skip) == decay]
+            if members:
+                entry = {"params": [p for _, p in members], "names": [n for n, _ in members], "group": g,
+                         "weight_decay": weight_decay if decay else 0.0}
+                if lr is not None:
+                    entry["lr"] = lr * float(scales.get(g, 1.0))
+                groups.append(entry)
+    return groups
 
 
 def build_optimizer(model: nn.Module, optim: OptimCfg) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW over the trainable parameters only, at the scaled peak lr."""
+    """SGD (momentum) or AdamW over the trainable parameters only, at the peak lr (per-group scaled)."""
     name = resolve_optimizer_name(optim, model)
-    groups = param_groups(model, optim.weight_decay)
+    lr = scaled_lr(optim, model)
+    groups = param_groups(model, optim.weight_decay, lr, optim.lr_scale)
     if not groups:
-        from vptune.errors import VptuneError
-
         raise VptuneError("the model has no trainable parameters")
-    lr = scaled_lr(optim)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum)
     return torch.optim.AdamW(groups, lr=lr)
@@ -128,8 +169,33 @@ class WarmupCosine:
         self._apply()
 
 
+class ReferenceEpochSchedule(WarmupCosine):
+    """The reference code's schedule (``recipe: reference``): a LambdaLR stepped once per epoch with
+    ``lambda(e) = e / warmup_epochs`` for ``e < warmup_epochs`` (epoch 0 runs at lr 0), else
+    ``max(0, 0.5 * (1 + cos(pi * (e - warmup_epochs) / (epochs - warmup_epochs))))``, for the 0-based
+    epoch ``e``; ``min_lr`` and ``warmup_start_factor`` do not apply. ``step()`` still runs every
+    iteration; the lr changes at epoch boundaries only."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: int,
+                 steps_per_epoch: int) -> None:
+        self.epochs, self.warmup_epochs = max(1, int(epochs)), max(0, int(warmup_epochs))
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+        super().__init__(optimizer, total_steps=self.epochs * self.steps_per_epoch,
+                         warmup_steps=self.warmup_epochs * self.steps_per_epoch, start_factor=0.0)
+
+    def factor(self, step: int, base_lr: float) -> float:
+        e = step // self.steps_per_epoch
+        if e < self.warmup_epochs:
+            return e / self.warmup_epochs
+        progress = (e - self.warmup_epochs) / max(1, self.epochs - self.warmup_epochs)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimCfg, steps_per_epoch: int) -> WarmupCosine:
-    """The warmup + cosine schedule for ``optim.epochs`` epochs of ``steps_per_epoch`` iterations."""
+    """The schedule for ``optim.epochs`` epochs of ``steps_per_epoch`` iterations: per-iteration warmup +
+    cosine (``schedule: step``) or the reference code's per-epoch staircase (``schedule: epoch``)."""
+    if optim.schedule == "epoch":
+        return ReferenceEpochSchedule(optimizer, optim.epochs, optim.warmup_epochs, steps_per_epoch)
     return WarmupCosine(optimizer, total_steps=optim.epochs * steps_per_epoch,
                         warmup_steps=optim.warmup_epochs * steps_per_epoch,
                         start_factor=optim.warmup_start_factor, min_lr=optim.min_lr)

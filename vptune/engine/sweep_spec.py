@@ -19,6 +19,7 @@ from vptune.errors import VptuneError, check_choice
 PAPER_SGD_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
 PAPER_ADAMW_LRS = (0.001, 0.0001, 0.0005, 0.005)
 PAPER_WDS = (0.01, 0.001, 0.0001, 0.0)
+DEFAULT_WDS = (0.0001, 0.01)  # vptune's recipe: the lr decides far more than the wd (recipe study)
 
 TOP_KEYS = ("name", "base", "overrides", "output", "tasks", "methods", "grid", "seeds", "grid_seed", "splits",
             "backend", "feature_cache", "linear_one_pass")
@@ -233,12 +234,17 @@ def _parse_method(entry: Any, i: int, grid: GridSpec, base: dict[str, Any]) -> M
         parse_options(cls, {**options, **implied, **({"num_tokens": p} if p is not None else {})})
     config = entry.get("config") or {}
     merged = config_from_dict(_deep_merge(base, config))  # refuses unknown keys, listing the valid ones
-    optimizer = merged.optim.optimizer if merged.optim.optimizer != "auto" else cls.optimizer
-    lrs = mgrid.lr or list(PAPER_SGD_LRS if optimizer == "sgd" else PAPER_ADAMW_LRS)
+    optimizer = {"auto": cls.optimizer, "paper": cls.paper_optimizer}.get(merged.optim.optimizer,
+                                                                           merged.optim.optimizer)
+    if merged.recipe == "reference":  # the paper's grids (REFERENCE.md "Training recipe")
+        default_lrs, default_wds = PAPER_SGD_LRS if optimizer == "sgd" else PAPER_ADAMW_LRS, PAPER_WDS
+    else:  # vptune's recipe: the method's grid for its optimiser, chosen by the recipe study
+        default_lrs, default_wds = cls.lr_grid[optimizer], DEFAULT_WDS
+    lrs = mgrid.lr or list(default_lrs)
     label = str(entry.get("label", name))
     if not label or "/" in label or label.startswith("."):
         raise VptuneError(f"methods[{i}].label {label!r} must be a plain folder name")
-    resolved = GridSpec(lrs, mgrid.wd or list(PAPER_WDS), mgrid.num_tokens, mgrid.fraction or [1.0])
+    resolved = GridSpec(lrs, mgrid.wd or list(default_wds), mgrid.num_tokens, mgrid.fraction or [1.0])
     return MethodSpec(name, label, options, resolved, config)
 
 

@@ -13,8 +13,9 @@ Run folder ``<output>/``:
   config and a ``result.json`` is done, and running it again returns the stored summary).
 
 Validation runs every ``runtime.eval_every`` epochs and after the last; the test split is evaluated once, at
-the end, and never used to choose anything. A non-finite loss stops the run with a :class:`VptuneError`
-and keeps the last good checkpoint.
+the end, and never used to choose anything. A non-finite or exploding loss ends the run as diverged
+(``result.json`` with ``status: diverged`` and the reason; the last good checkpoint is kept): a result, not
+a crash, which a sweep lists and never selects.
 """
 
 from __future__ import annotations
@@ -45,7 +46,15 @@ from vptune.engine.checkpoint import (
     seed_everything,
 )
 from vptune.engine.config import TrainConfig, config_diff, config_to_dict, dump_config, validate_config
-from vptune.engine.evaluate import brief, check_precision, evaluate, make_loader, resolve_device
+from vptune.engine.evaluate import (
+    autocast,
+    brief,
+    check_precision,
+    evaluate,
+    make_loader,
+    resolve_device,
+    resolve_precision,
+)
 from vptune.engine.optim import build_optimizer, build_scheduler, resolve_optimizer_name, scaled_lr
 from vptune.errors import VptuneError
 
@@ -95,7 +104,7 @@ def build_trainer(cfg: TrainConfig, device: torch.device, *, datasets: dict[str,
     check_precision(device, cfg.runtime.precision)
     seed_everything(cfg.runtime.seed)
     backbone = backbone if backbone is not None else build_backbone(cfg)
-    prep = task_preprocessing(backbone, cfg.backbone.input_size)
+    prep = task_preprocessing(backbone, cfg.backbone.input_size, cfg.data.normalize, cfg.data.antialias)
     splits = datasets if datasets is not None else open_datasets(cfg, prep)
     if not splits.get("train"):
         raise VptuneError("no training data: datasets['train'] is missing or empty")
@@ -104,7 +113,7 @@ def build_trainer(cfg: TrainConfig, device: torch.device, *, datasets: dict[str,
     from vptune.model import create_model
 
     model = create_model(backbone, cfg.method.name, num_classes, label_names=label_names,
-                         **cfg.method.options)
+                         head_norm=cfg.method.head_norm, head_init=cfg.method.head_init, **cfg.method.options)
     model.preprocessing = prep
     return (trainer_cls or Trainer)(cfg, model, splits, device, Path(cfg.output))
 
@@ -130,9 +139,21 @@ def build_backbone(cfg: TrainConfig) -> Backbone:
     return create_backbone(b.name, weights=b.weights, source=b.source, input_size=b.input_size, **b.config)
 
 
-def task_preprocessing(backbone: Backbone, input_size: int | None) -> Preprocessing:
-    """The task's preprocessing: the backbone's, with ``input_size`` when given (a multiple of the patch)."""
+def task_preprocessing(backbone: Backbone, input_size: int | None, normalize: str = "backbone",
+                       antialias: bool = True) -> Preprocessing:
+    """The task's preprocessing: the backbone's, with ``input_size`` when given (a multiple of the patch),
+    ImageNet mean/std with ``normalize="imagenet"`` and TensorFlow's bilinear resize (no antialiasing)
+    with ``antialias=False`` (both as the reference code; stored with the task, so serving matches)."""
+    from vptune.engine.recipes import IMAGENET_MEAN, IMAGENET_STD
+
     prep = copy.deepcopy(backbone.preprocessing)
+    if normalize == "imagenet":
+        prep.mean, prep.std = IMAGENET_MEAN, IMAGENET_STD
+    if not antialias:
+        if prep.interpolation != "bilinear":
+            raise VptuneError(f"data.antialias=false resizes as TensorFlow's bilinear resize; the backbone "
+                              f"resizes with {prep.interpolation!r}")
+        prep.interpolation = "tf_bilinear"
     if input_size is not None:
         ps = backbone.patch_size[0]
         if input_size <= 0 or input_size % ps:
@@ -249,6 +270,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, splits: dict[str, Dataset],
                  device: torch.device, out: Path) -> None:
         self.cfg, self.model, self.device, self.out = cfg, model, device, out
+        self.precision = resolve_precision(device, cfg.runtime.precision)  # "auto" -> bf16 or fp32
         self.train_ds, self.val_ds, self.test_ds = splits["train"], splits.get("val"), splits.get("test")
         model.gradient_checkpointing = cfg.runtime.gradient_checkpointing
         model.to(device)
@@ -259,10 +281,11 @@ class Trainer:
         self.steps_per_epoch = n // bs if self.drop_last else math.ceil(n / bs)
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch)
-        use_scaler = cfg.runtime.precision == "fp16" and device.type == "cuda"
+        use_scaler = self.precision == "fp16" and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.epoch, self.step, self.prior_wall = 0, 0, 0.0
         self.last_val: tuple[int, dict[str, Any]] | None = None
+        self.first_loss: float | None = None  # the divergence check's reference (see check_divergence)
         self.writer = None
 
     # --- the whole run ----------------------------------------------------------------------------
@@ -281,7 +304,10 @@ class Trainer:
         if self.is_main:
             self.writer = open_tensorboard(self.out / TB_DIR, purge_step=self.step + 1 if self.step else None)
         try:
-            completed = self.fit(t0)
+            try:
+                completed = self.fit(t0)
+            except Diverged as d:
+                return self.finish_diverged(t0, d)
             return self.finish(t0, completed)
         finally:
             if self.writer is not None:
@@ -290,9 +316,10 @@ class Trainer:
     def fit(self, t0: float) -> bool:
         """Train epochs ``self.epoch + 1 ..``; False when ``runtime.max_steps`` stopped the run early."""
         epochs, max_steps = self.cfg.optim.epochs, self.cfg.runtime.max_steps
-        logger.info("training %s on %d images for %d epochs (%d steps each), %s, lr %.4g",
+        logger.info("training %s on %d images for %d epochs (%d steps each), %s, lr %.4g, %s",
                     self.model.method_name, len(self.train_ds), epochs, self.steps_per_epoch,
-                    resolve_optimizer_name(self.cfg.optim, self.model), scaled_lr(self.cfg.optim))
+                    resolve_optimizer_name(self.cfg.optim, self.model), scaled_lr(self.cfg.optim, self.model),
+                    self.precision)
         while self.epoch < epochs:
             if max_steps is not None and self.step >= max_steps:
                 return False
@@ -349,14 +376,11 @@ class Trainer:
         self._check_labels(labels)
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         lr = self.scheduler.get_last_lr()[0]
-        from vptune.engine.evaluate import autocast
-
-        with autocast(self.device, self.cfg.runtime.precision):
+        with autocast(self.device, self.precision):
             logits = self.forward(images)
         loss = self.loss(logits, labels)
         value, hits, count = self.step_stats(loss, logits, labels)
-        if not math.isfinite(value):
-            raise self._non_finite(value, epoch)
+        self.check_divergence(value, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         self._backward_and_step(loss)
         self.scheduler.step()
@@ -388,14 +412,20 @@ class Trainer:
             raise VptuneError(f"training label {int(labels.max())} is out of range for {k} classes "
                               f"(labels must be 0..{k - 1})")
 
-    def _non_finite(self, value: float, epoch: int) -> VptuneError:
-        ckpt = self.out / CHECKPOINT
-        kept = (f"the last good checkpoint (epoch {self.epoch}) is kept at {ckpt}"
-                if self.epoch and ckpt.is_file() else "no epoch had finished, so there is no checkpoint")
+    def check_divergence(self, value: float, epoch: int) -> None:
+        """Raise :class:`Diverged` when the step's loss is not finite or exceeds ``divergence_factor`` x
+        max(ln(classes), the run's first loss): a loss that far above chance and above its start means
+        the lr is past the edge (the paper's grid reaches base lr 50, so some grid points do this)."""
+        if self.first_loss is None and math.isfinite(value):
+            self.first_loss = value
+        factor = self.cfg.optim.divergence_factor
+        limit = factor * max(math.log(max(self.model.num_classes, 2)), self.first_loss or 0.0)
+        if math.isfinite(value) and (factor == 0 or value <= limit):
+            return
         lr = self.scheduler.get_last_lr()[0]
-        return VptuneError(f"training stopped: the loss became {value} at epoch {epoch}, step "
-                           f"{self.step + 1} (lr {lr:.4g}); {kept}. Try a lower optim.base_lr, "
-                           "optim.grad_clip, or fp32 precision")
+        what = f"became {value}" if not math.isfinite(value) else f"reached {value:.4g} (limit {limit:.4g})"
+        raise Diverged(f"training diverged: the loss {what} at epoch {epoch}, step {self.step + 1} (lr "
+                       f"{lr:.4g}); try a lower optim.base_lr or optim.grad_clip")
 
     # --- validation, logs, checkpoints --------------------------------------------------------------
     def validate_if_due(self) -> dict[str, Any] | None:
@@ -407,7 +437,7 @@ class Trainer:
         return val
 
     def evaluate(self, dataset: Dataset, name: str) -> dict[str, Any]:
-        return evaluate(self.model, dataset, device=self.device, precision=self.cfg.runtime.precision,
+        return evaluate(self.model, dataset, device=self.device, precision=self.precision,
                         batch_size=self.cfg.optim.batch_size, num_workers=self.cfg.data.num_workers,
                         progress=self.cfg.runtime.progress, desc=name)
 
@@ -433,7 +463,7 @@ class Trainer:
     def save(self, t0: float) -> None:
         if not self.is_main:
             return
-        extra = {"wall_s": self.prior_wall + time.time() - t0,
+        extra = {"wall_s": self.prior_wall + time.time() - t0, "first_loss": self.first_loss,
                  "last_val_epoch": self.last_val[0] if self.last_val else 0,
                  "config": config_to_dict(self.cfg)}
         save_checkpoint(self.out / CHECKPOINT, model_state=self.model.trained_state_dict(),
@@ -455,12 +485,23 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.prior_wall = float(state.get("extra", {}).get("wall_s", 0.0))
+        self.first_loss = state.get("extra", {}).get("first_loss")
         if self.is_main:
             truncate_metrics(self.out / METRICS_FILE, self.epoch)
         restore_rng(state["rng"])
         logger.info("resumed %s at epoch %d (step %d)", self.out, self.epoch, self.step)
 
     # --- the end ----------------------------------------------------------------------------------
+    def finish_diverged(self, t0: float, d: Diverged) -> dict[str, Any]:
+        """A diverged run is a result: ``result.json`` with ``status: diverged`` and the reason; no task
+        is saved and nothing is evaluated (a sweep lists it and never selects it)."""
+        summary = self.summary(None, None, False, self.prior_wall + time.time() - t0)
+        summary.update(status="diverged", diverged=str(d), steps=self.step)
+        if self.is_main:
+            atomic_write_json(self.out / RESULT_FILE, summary)
+            logger.info("%s; recorded in %s", d, self.out / RESULT_FILE)
+        return summary
+
     def finish(self, t0: float, completed: bool) -> dict[str, Any]:
         """Final validation and test, the task folder, then ``result.json`` (last)."""
         val = None
@@ -490,11 +531,11 @@ class Trainer:
             "trainable_parameters": model.num_trainable_parameters(), "stored_bytes": None,
             "backbone_parameters": model.num_backbone_parameters(), "method": model.method_name,
             "options": model.method.option_dict(), "num_classes": model.num_classes,
-            "optimizer": resolve_optimizer_name(cfg.optim, model), "lr": scaled_lr(cfg.optim),
+            "optimizer": resolve_optimizer_name(cfg.optim, model), "lr": scaled_lr(cfg.optim, model),
             "backbone": {"name": b.name, "weights": weights, "source": b.source, "input_size": b.input_size,
                          "config": dict(b.config), "sha256": model.backbone.fingerprint()},
             "data": self.data_summary(),
-            "seed": cfg.runtime.seed, "device": str(self.device), "precision": cfg.runtime.precision,
+            "seed": cfg.runtime.seed, "device": str(self.device), "precision": self.precision,
             "config": config_to_dict(cfg), "wall_s": round(wall, 3),
         }
 
@@ -513,6 +554,10 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+class Diverged(VptuneError):
+    """A run whose loss exploded or became non-finite: recorded as ``status: diverged``, not a crash."""
+
 
 def stamp_task_summary(task_dir: Path, stored_bytes: int) -> None:
     """Add ``stored_bytes`` (known only once the weights are written) to task.json's training summary."""

@@ -16,6 +16,7 @@ d down.weight = (GELU'(1) * up.weight^T g) h^T != 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +58,8 @@ class Adapter(Method):
     options_cls = AdapterOptions
     changes_backbone = False  # adapters live beside the frozen blocks; backbone tensors stay untouched
     optimizer = "adamw"
+    paper_optimizer = "adamw"
+    lr_groups: ClassVar[dict[str, tuple[str, ...]]] = {"adapters": (r"^method\.",)}
 
     def __init__(self, backbone: Backbone, options: AdapterOptions) -> None:
         super().__init__(backbone, options)

@@ -9,11 +9,16 @@ A method (peft-style, one file each) declares:
   ``block_adapter(i)``: an optional FFN adapter module for block ``i``. The backbone alone decides
   where those go; methods never slice token sequences.
 - ``build_head(in_dim, num_classes)``: the classifier (linear by default).
+- Its optimisation, as data: ``optimizer`` (vptune's default recipe) and ``paper_optimizer`` (the paper's,
+  Sec. 4.1, used by ``recipe: reference``), ``default_lr`` (the peak lr per optimiser when a config gives
+  none), ``lr_groups`` (named groups of trained tensors whose lr a config may scale; the head is always the
+  group ``head``) and ``no_decay_patterns`` (tensors that take no weight decay beyond the general rule).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -21,7 +26,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from vptune.backbones.base import Backbone, Tokens
-from vptune.errors import VptuneError
+from vptune.errors import VptuneError, check_choice
 
 METHODS: dict[str, type[Method]] = {}
 _SUFFIXED = re.compile(r"^(?P<base>[a-z]+)-(?P<k>\d+)$")
@@ -39,7 +44,15 @@ class Method(nn.Module):
     options_cls: ClassVar[type] = NoOptions
     suffix_option: ClassVar[str | None] = None  # "k" for partial-k and mlp-k
     changes_backbone: ClassVar[bool] = False  # trains backbone tensors: the model owns a copy
-    optimizer: ClassVar[str] = "sgd"  # the paper's optimiser for this method (Sec. 4.1)
+    optimizer: ClassVar[str] = "sgd"  # vptune's default recipe (see vptune/engine/recipes.py)
+    paper_optimizer: ClassVar[str] = "sgd"  # the paper's optimiser for this method (Sec. 4.1)
+    # peak lr (no batch-size scaling) per optimiser when a config gives none; chosen by the val-only
+    # recipe study (benchmarks/recipe_study.py, BENCHMARKS.md "Recipe study")
+    default_lr: ClassVar[dict[str, float]] = {"sgd": 0.1, "adamw": 1e-3}
+    # the sweep's lr grid per optimiser under vptune's recipe (peak lrs; `recipe: reference` uses the paper's)
+    lr_grid: ClassVar[dict[str, tuple[float, ...]]] = {"sgd": (0.1, 0.5, 2.5), "adamw": (1e-4, 3e-4, 1e-3)}
+    lr_groups: ClassVar[dict[str, tuple[str, ...]]] = {}  # group name -> anchored patterns
+    no_decay_patterns: ClassVar[tuple[str, ...]] = ()  # anchored patterns: no weight decay
     location: str = "prepend"
 
     def __init__(self, backbone: Backbone, options: Any) -> None:
@@ -88,6 +101,40 @@ def _run_block(backbone: Backbone, i: int, tokens: Tokens, prompts: Tensor | Non
     from torch.utils.checkpoint import checkpoint
 
     return checkpoint(backbone.run_block, i, tokens, prompts, use_reentrant=False, **kwargs)
+
+
+HEAD_NORMS = ("none", "batchnorm")
+HEAD_INITS = ("small", "reference")
+REFERENCE_HEAD_BIAS = -math.log((1 - 0.01) / 0.01)  # -4.595: the reference code's focal-loss prior
+
+
+class NormedHead(nn.Module):
+    """``head(BatchNorm(features))`` with a BatchNorm without affine parameters, as MAE's linear probe
+    (He et al. 2022, Sec. A.2): the head then sees unit-scale features on any backbone, so one lr range
+    suits every backbone's feature scale. In training it normalises with batch statistics, in eval with
+    the running ones (stored in the task file)."""
+
+    def __init__(self, in_dim: int, head: nn.Module) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(in_dim, affine=False, eps=1e-6)
+        self.fc = head
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.fc(self.norm(features))  # (B, d) -> (B, num_classes)
+
+
+def build_task_head(method: Method, in_dim: int, num_classes: int, head_norm: str = "none",
+                    head_init: str = "small") -> nn.Module:
+    """The method's head, optionally behind a BatchNorm (``head_norm``) and with the reference code's
+    init of its last Linear (``head_init="reference"``: kaiming-normal fan-out weight, bias -4.595)."""
+    check_choice("head_norm", head_norm, HEAD_NORMS)
+    check_choice("head_init", head_init, HEAD_INITS)
+    head = method.build_head(in_dim, num_classes)
+    if head_init == "reference":
+        last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+        nn.init.kaiming_normal_(last.weight, a=0, mode="fan_out")
+        nn.init.constant_(last.bias, REFERENCE_HEAD_BIAS)
+    return NormedHead(in_dim, head) if head_norm == "batchnorm" else head
 
 
 def linear_head(in_dim: int, num_classes: int) -> nn.Linear:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from vptune.backbones.base import Backbone
 from vptune.methods.base import Method, register
 
@@ -11,6 +13,8 @@ class Bias(Method):
     name = "bias"
     changes_backbone = True
     optimizer = "adamw"
+    paper_optimizer = "adamw"
+    lr_groups: ClassVar[dict[str, tuple[str, ...]]] = {"backbone": (r"^backbone\.",)}
 
     def trainable_patterns(self, backbone: Backbone) -> list[str]:
         return [r"^backbone\.(.*\.)?bias$"]

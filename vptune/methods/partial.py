@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from vptune.backbones.base import Backbone
 from vptune.errors import VptuneError
@@ -25,6 +26,8 @@ class Partial(Method):
     suffix_option = "k"
     changes_backbone = True
     optimizer = "adamw"
+    paper_optimizer = "adamw"
+    lr_groups: ClassVar[dict[str, tuple[str, ...]]] = {"backbone": (r"^backbone\.",)}
 
     def __init__(self, backbone: Backbone, options: PartialOptions) -> None:
         super().__init__(backbone, options)

@@ -11,6 +11,7 @@ pooling and a linear map to the backbone's width).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +47,8 @@ class Sidetune(Method):
     name = "sidetune"
     options_cls = SidetuneOptions
     optimizer = "sgd"
+    paper_optimizer = "sgd"
+    lr_groups: ClassVar[dict[str, tuple[str, ...]]] = {"side": (r"^method\.",)}
 
     def __init__(self, backbone: Backbone, options: SidetuneOptions) -> None:
         super().__init__(backbone, options)

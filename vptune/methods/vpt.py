@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -55,7 +56,9 @@ class VPTOptions:
 
 class _VPT(Method):
     options_cls = VPTOptions
-    optimizer = "sgd"
+    optimizer = "adamw"
+    paper_optimizer = "sgd"
+    lr_groups: ClassVar[dict[str, tuple[str, ...]]] = {"prompts": (r"^method\.prompts\.", r"^method\.project\.")}
     deep: bool = False
 
     def __init__(self, backbone: Backbone, options: VPTOptions) -> None:

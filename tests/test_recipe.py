@@ -193,3 +193,23 @@ def test_cpu_bf16_detection_reads_the_cpu_flags():
         pytest.skip("no /proc/cpuinfo on this system")
     flags = next((ln for ln in path.read_text().splitlines() if ln.startswith("flags")), "")
     assert cpu_has_native_bf16() == any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+# ------------------------------------------------------------------------------------------ defaults learn
+
+@pytest.mark.parametrize("method", ["linear", "full", "partial-1", "mlp-2", "sidetune", "bias", "adapter",
+                                    "vpt-shallow", "vpt-deep"])
+def test_every_method_learns_with_no_lr_given(method, tmp_path):
+    """The default recipe with no optim.base_lr: the method's own default for its optimiser family."""
+    from tests.test_engine import ColorTask
+    from vptune.engine.trainer import run_training
+
+    cfg = config_from_dict({"method": {"name": method}, "data": {"num_workers": 0},
+                            "optim": {"epochs": 8, "warmup_epochs": 1, "batch_size": 8},
+                            "runtime": {"progress": False, "precision": "fp32", "eval_every": 0},
+                            "output": str(tmp_path / method)})
+    assert cfg.optim.base_lr is None
+    data = {"train": ColorTask(64, 1), "val": ColorTask(32, 2)}
+    summary = run_training(cfg, datasets=data, backbone=tiny_backbone())
+    losses = [json.loads(x)["train_loss"] for x in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    assert summary["status"] == "done" and losses[-1] < 0.9 * losses[0], losses

@@ -46,9 +46,8 @@ def test_task_file_and_logits_bit_identical(tmp_path, kind, method):
 
 def test_golden_reload_gives_same_logits():
     """The golden folders themselves load with the current code and give the recorded logits."""
-    from tests.data.make_golden import tiny_backbone
-
     import vptune
+    from tests.data.make_golden import tiny_backbone
 
     for kind in BACKBONES:
         for method in METHODS:

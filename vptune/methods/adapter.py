@@ -55,7 +55,6 @@ class Bottleneck(nn.Module):
 class Adapter(Method):
     name = "adapter"
     options_cls = AdapterOptions
-    changes_backbone = False  # adapters live beside the frozen blocks; backbone tensors stay untouched
     optimizer = "adamw"
 
     def __init__(self, backbone: Backbone, options: AdapterOptions) -> None:

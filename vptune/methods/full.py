@@ -9,7 +9,6 @@ from vptune.methods.base import Method, register
 @register
 class Full(Method):
     name = "full"
-    changes_backbone = True
     optimizer = "adamw"
 
     def trainable_patterns(self, backbone: Backbone) -> list[str]:

@@ -9,3 +9,4 @@ from vptune.methods.base import Method, register
 class Linear(Method):
     name = "linear"
     optimizer = "sgd"
+    head_only = True

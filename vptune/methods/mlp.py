@@ -33,6 +33,7 @@ class MLP(Method):
     options_cls = MLPOptions
     suffix_option = "k"
     optimizer = "sgd"
+    head_only = True
 
     def build_head(self, in_dim: int, num_classes: int) -> nn.Module:
         hidden = self.options.hidden_dim or in_dim

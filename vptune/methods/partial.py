@@ -23,7 +23,6 @@ class Partial(Method):
     name = "partial"
     options_cls = PartialOptions
     suffix_option = "k"
-    changes_backbone = True
     optimizer = "adamw"
 
     def __init__(self, backbone: Backbone, options: PartialOptions) -> None:

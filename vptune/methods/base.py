@@ -21,8 +21,8 @@ and never owns the loop. What it declares:
 - ``pool(backbone, tokens)`` and ``fuse(features, images)``: the head's input (a side branch such as
   side-tuning blends in at ``fuse``).
 - ``build_head(in_dim, num_classes)``: the classifier (linear by default).
-- ``head_only``: only the head trains, on the plain backbone's pooled features (the one-pass linear sweep
-  keys off it); ``sweep_axes``: which options a sweep grid may vary; ``shared_pass(num_blocks)``: how the
+- ``head_only``: only a linear head trains, on the plain backbone's pooled features (the linear probe;
+  the one-pass linear sweep keys off it); ``sweep_axes``: which options a sweep grid may vary; ``shared_pass(num_blocks)``: how the
   task joins a mixed batch on a shared frozen backbone (:class:`SharedPass`), or None for its own pass.
 """
 
@@ -89,7 +89,7 @@ class Method(nn.Module):
     options_cls: ClassVar[type] = NoOptions
     suffix_option: ClassVar[str | None] = None  # "k" for partial-k and mlp-k
     optimizer: ClassVar[str] = "sgd"  # the paper's optimiser for this method (Sec. 4.1)
-    head_only: ClassVar[bool] = False  # only the head trains, on the plain backbone's pooled features
+    head_only: ClassVar[bool] = False  # only a linear head trains, on the plain backbone's pooled features
     sweep_axes: ClassVar[tuple[str, ...]] = ()  # options a sweep grid may vary (e.g. VPT's num_tokens)
 
     def __init__(self, backbone: Backbone, options: Any) -> None:

@@ -161,11 +161,24 @@ def full_sequence_features(model: vptune.TunedModel, images: torch.Tensor) -> to
     """Baseline for (g): VPT-deep with the prompts inside the sequence ``[CLS, P, patches]`` of every
     block and their outputs computed (what the reference code and vptune before this optimisation do).
     vptune now passes ``prompt_outputs=False`` so the prompts only supply keys and values."""
-    bb, m = model.backbone, model.method
-    tokens = bb.embed(images)
-    for i in range(bb.num_blocks):
-        tokens = bb.run_block(i, tokens, m.block_prompts(i, images.shape[0]), location=m.location)
-    return bb.pool(tokens, m.pool_mode)
+    return model.forward_features(images, hooks=_KeepPromptOutputs(model.method))
+
+
+class _KeepPromptOutputs:
+    """The method's hooks with ``prompt_outputs=True`` at every block (the baseline of (g))."""
+
+    def __init__(self, method: Any) -> None:
+        self.method = method
+
+    def block_input(self, i: int, tokens: Any, batch: int) -> Any:
+        tokens, given = self.method.block_input(i, tokens, batch)
+        return tokens, dataclasses.replace(given, prompt_outputs=True)
+
+    def pool(self, backbone: Any, tokens: Any) -> Any:
+        return self.method.pool(backbone, tokens)
+
+    def fuse(self, features: Any, images: Any) -> Any:
+        return self.method.fuse(features, images)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -117,3 +117,42 @@ def test_cli_export(exported, tmp_path):
     )
     assert rc == 0
     assert set(json.loads((tmp_path / "cli" / "manifest.json").read_text())["tasks"]) == {"a", "lin"}
+
+
+@pytest.mark.parametrize("prompt_merge", ["carry", "drop"])
+def test_swin_export_matches_each_tuned_model(tmp_path, prompt_merge):
+    """Swin: stages of different widths (prompts padded to the widest), prompts through patch merging
+    (carried or dropped); onnxruntime against each task's own TunedModel, 1e-4."""
+    from vptune.backbones.swin import SwinConfig, SwinTransformer
+
+    torch.manual_seed(0)
+    bb = SwinTransformer(SwinConfig(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
+                                    window_size=4, prompt_merge=prompt_merge)).eval()
+    specs = {"deep": ("vpt-deep", 3, {"num_tokens": 3}), "shallow": ("vpt-shallow", 2, {"num_tokens": 2}),
+             "late": ("vpt-deep", 4, {"num_tokens": 2, "deep_layers": -1}), "lin": ("linear", 3, {})}
+    mt = MultiTaskModel(bb)
+    models = {}
+    for name, (method, nc, opts) in specs.items():
+        models[name] = create_model(bb, method, nc, **opts)
+        with torch.no_grad():
+            for _, p in models[name].trainable_parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        mt.add_model(name, models[name])
+    manifest = export_onnx(mt, tmp_path / "onnx")
+    assert manifest["block_dims"] == [16, 16, 32, 32] and manifest["dim"] == 32
+    names = ["late", "deep", "lin", "shallow", "deep"]
+    x = torch.randn(len(names), 3, 32, 32)
+    got = OnnxMultiTask(tmp_path / "onnx").predict(x.numpy(), names)
+    for b, name in enumerate(names):
+        with torch.no_grad():
+            ref = models[name].eval()(x[b : b + 1])[0].numpy()
+        np.testing.assert_allclose(got[b], ref, atol=1e-4, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("method", ["full", "partial-1"])
+def test_weight_changing_methods_refused_with_reason(tmp_path, method):
+    backbone = tiny_vit()
+    mt = MultiTaskModel(backbone)
+    mt.add_model("t", create_model(backbone, method, 2))
+    with pytest.raises(VptuneError, match="trains backbone weights"):
+        export_onnx(mt, tmp_path / "out", verify=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -237,3 +239,28 @@ def test_deep_prompt_gradients_equal_the_full_sequence(tiny_vit):
     model.head(tiny_vit.pool(tokens)).logsumexp(-1).sum().backward()
     for g_fast, p in zip(fast, model.method.prompts):
         torch.testing.assert_close(g_fast, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_block_i_uses_its_own_prompts():
+    """VPT-deep: changing block k's prompts leaves every block before k untouched and moves block k's
+    output and the features; the hooks reach block k through the one loop (forward_features)."""
+    from tests.helpers import tiny_vit as make
+
+    torch.manual_seed(0)
+    bb = make()
+    bb.blocks.append(copy.deepcopy(bb.blocks[0]))  # three blocks, so a middle one exists
+    bb.config.depth = 3
+    model = vptune.create_model(bb, "vpt-deep", 4, num_tokens=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [blk.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out.detach().clone()))
+             for i, blk in enumerate(bb.blocks)]
+    with torch.no_grad():
+        before_feats = model.forward_features(x)
+        before = dict(seen)
+        model.method.prompts[1].add_(torch.randn_like(model.method.prompts[1]))  # block 1 only (not a constant: LN removes it)
+        after_feats = model.forward_features(x)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(seen[0], before[0]), "block 0 does not see block 1's prompts"
+    assert not torch.allclose(seen[1], before[1]) and not torch.allclose(after_feats, before_feats)

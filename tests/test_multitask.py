@@ -92,8 +92,8 @@ def test_only_prompt_tasks_different_lengths_and_depths(task_dirs):
     names = ["deep5", "shallow3", "deep_last", "shallow7_mean", "shallow3", "deep5", "linear"]
     x = torch.randn(len(names), 3, 32, 32)
     passes = []
-    run = mt._run_shared
-    mt._run_shared = lambda x, entries: passes.append(len(entries)) or run(x, entries)
+    run = mt._shared_pass
+    mt._shared_pass = lambda x, entries: passes.append(len(entries)) or run(x, entries)
     out = mt(x, names)
     assert passes == [len(names)], "every prompt task and the linear probe share one backbone pass"
     for b, name in enumerate(names):
@@ -110,8 +110,8 @@ def test_padding_tolerance_splits_passes_by_prompt_length(task_dirs):
     names = ["deep5", "linear", "shallow7_mean", "deep2_proj", "shallow3", "deep5"]
     x = torch.randn(len(names), 3, 32, 32)
     passes = []
-    run = mt._run_shared
-    mt._run_shared = lambda x, entries: passes.append(sorted(e.name for e in entries)) or run(x, entries)
+    run = mt._shared_pass
+    mt._shared_pass = lambda x, entries: passes.append(sorted(e.name for e in entries)) or run(x, entries)
     out = mt(x, names)
     assert sorted(passes) == [["deep2_proj", "linear", "shallow3"], ["deep5", "deep5", "shallow7_mean"]]
     for b, name in enumerate(names):

@@ -447,3 +447,41 @@ def test_feature_cache_follows_the_split_file(tmp_path: Path, weights: Path, mon
     (task / "val200.txt").write_text("\n".join([lines[0].rsplit(" ", 1)[0] + " 2", *lines[1:]]) + "\n")
     c = F_.load_features(backbone, data, "val200", tmp_path / "cache")
     assert len(calls) == 2 and c.labels.tolist() == [2, 1, 2]
+
+
+class DivergingTrainer(FakeTrainer):
+    """A fake trainer whose runs at the listed base lrs diverge: result.json status 'diverged', no val."""
+
+    def __init__(self, val: dict[tuple, float], diverge_lrs: set[float]) -> None:
+        super().__init__(val, {})
+        self.diverge_lrs = diverge_lrs
+
+    def __call__(self, cfg: Any, **kwargs: Any) -> dict:
+        if cfg.optim.base_lr not in self.diverge_lrs:
+            return super().__call__(cfg, **kwargs)
+        self.calls.append((cfg.output, False, False))
+        out = Path(cfg.output)
+        out.mkdir(parents=True, exist_ok=True)
+        result = {"status": "diverged", "config": config_to_dict(cfg), "val": None, "test": None}
+        (out / "result.json").write_text(json.dumps(result))
+        return result
+
+
+def test_selection_skips_diverged_runs(tmp_path: Path, data_root: Path) -> None:
+    """A diverged grid point (the best-looking lr) is a failed point: listed, never selected, not retrained."""
+    spec = S.parse_sweep(sweep_dict(tmp_path, data_root, grid={"lr": [0.5, 2.5], "wd": [0.0]}))
+    trainer = DivergingTrainer({(0.5, 0.0, 2): 60.0}, {2.5})
+    out = S.run_sweep(spec, env=fake_env(trainer), log=lambda _: None)
+    assert out.choices[("toy", "vpt-deep", 1.0)].lr == 0.5
+    sel = json.loads((tmp_path / "out/toy/vpt-deep/selection.json").read_text())
+    assert [g["lr"] for g in sel["grid"]] == [0.5]
+    assert sel["diverged"] == [str(tmp_path / "out/toy/vpt-deep/grid/lr2.5_wd0")]
+    calls = len(trainer.calls)
+    S.run_sweep(spec, env=fake_env(trainer), log=lambda _: None)
+    assert len(trainer.calls) == calls, "a diverged run is finished: a re-run does not train it again"
+
+
+def test_all_diverged_raises(tmp_path: Path, data_root: Path) -> None:
+    spec = S.parse_sweep(sweep_dict(tmp_path, data_root, grid={"lr": [0.5, 2.5], "wd": [0.0]}))
+    with pytest.raises(VptuneError, match="every grid run of toy/vpt-deep diverged"):
+        S.run_sweep(spec, env=fake_env(DivergingTrainer({}, {0.5, 2.5})), log=lambda _: None)

@@ -10,8 +10,6 @@ backbone is refused with a message naming both. Writes are atomic (temp file, th
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,13 @@ from safetensors.torch import load_file, save
 
 from vptune.backbones.base import Backbone, Preprocessing
 from vptune.errors import VptuneError
+from vptune.io import atomic_write_bytes, atomic_write_json, check_format_stamp
+from vptune.model import TunedModel, create_model, register_persistence
+from vptune.version import __version__
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "TASK_JSON", "WEIGHTS", "atomic_write_bytes", "atomic_write_json",
+           "check_format_stamp", "load_task", "read_task_json", "read_weights", "save_task", "task_metadata",
+           "verify_backbone"]
 
 FORMAT = "vptune-task"
 FORMAT_VERSION = 1
@@ -27,40 +32,8 @@ TASK_JSON = "task.json"
 WEIGHTS = "weights.safetensors"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees either the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def check_format_stamp(obj: Any, path: Path, fmt: str, version: int, *, what: str,
-                       version_label: str) -> None:
-    """Refuse a file whose ``format`` is not ``fmt`` (``"<path> is not a vptune <what> ..."``) or whose
-    ``format_version`` is newer than ``version`` (``"<path> has <version_label> N; ... upgrade vptune"``)."""
-    if not isinstance(obj, dict) or obj.get("format") != fmt:
-        raise VptuneError(f"{path} is not a vptune {what} (format {fmt!r} expected)")
-    if int(obj.get("format_version", 0)) > version:
-        raise VptuneError(f"{path} has {version_label} {obj['format_version']}; this vptune reads up to "
-                          f"{version}: upgrade vptune")
-
-
 def task_metadata(model: Any, stored: list[str], training: dict[str, Any] | None = None) -> dict[str, Any]:
     """``task.json`` contents; ``stored`` names the tensors in ``weights.safetensors``."""
-    from vptune import __version__
-
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -130,10 +103,8 @@ def read_weights(directory: str | Path) -> dict[str, Any]:
         raise VptuneError(f"{path} is corrupt or not a safetensors file: {e}") from None
 
 
-def load_task(directory: str | Path, backbone: Backbone, *, check_backbone: bool = True) -> Any:
+def load_task(directory: str | Path, backbone: Backbone, *, check_backbone: bool = True) -> TunedModel:
     """Rebuild a :class:`~vptune.model.TunedModel` from a task folder on ``backbone``."""
-    from vptune.model import create_model
-
     meta = read_task_json(directory)
     if check_backbone:
         verify_backbone(meta, backbone, str(directory))
@@ -154,3 +125,6 @@ def load_task(directory: str | Path, backbone: Backbone, *, check_backbone: bool
     if "preprocessing" in meta:
         model.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
     return model
+
+
+register_persistence(save_task, load_task)  # TunedModel.save_pretrained / from_pretrained

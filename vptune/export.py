@@ -27,8 +27,11 @@ each sample exactly the features of its task run alone. Outputs: one (B, d) feat
 of the backbone, named after it (``cls``, ``image_mean``, ``prompt_mean`` for a ViT); a task reads the
 one its manifest entry names under ``pool``.
 
-Tasks that change backbone weights, adapters, side-tuning and ``location='add'`` prompts cannot use the
-shared graph and are refused (export them as whole models another way).
+Tasks that change backbone weights (full, partial-k, bias) are refused with a message saying so;
+adapters, side-tuning and ``location='add'`` prompts cannot use the shared graph either and are refused.
+Backbones declare whether they trace (``Backbone.exports_onnx``): ViT and Swin do. A Swin's blocks have
+different widths per stage: ``prompts`` is padded to the widest (``dim``) and block i reads its first
+``block_dims[i]`` channels.
 
 :class:`OnnxMultiTask` runs an export folder with onnxruntime (numpy in, numpy out), building the padded
 inputs for a mixed batch; :func:`verify_export` compares it with PyTorch.
@@ -39,7 +42,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,8 @@ from torch import Tensor, nn
 
 from vptune.backbones.base import Backbone
 from vptune.errors import VptuneError
+from vptune.io import atomic_write_json
+from vptune.methods.mixed import MixedPrompts
 
 logger = logging.getLogger("vptune")
 LAYOUT = "vptune-onnx-multitask/1"
@@ -56,39 +60,57 @@ OPSET = 18
 
 
 class PromptedBackboneGraph(nn.Module):
-    """The traced module behind ``backbone.onnx`` (see the module docstring for its inputs)."""
+    """The traced module behind ``backbone.onnx`` (see the module docstring for its inputs): the one
+    block loop (:meth:`vptune.model.TunedModel.forward_features`) with the mixed-batch hooks."""
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
-        self.backbone = backbone
+        from vptune.model import frozen_model
+
+        self.model = frozen_model(backbone)
         self.pool_modes = tuple(backbone.pool_modes)
+        self.dims = [info.dim for info in backbone.block_infos()]  # block i reads prompts[i, ..., :d_i]
 
     def forward(
         self, images: Tensor, prompts: Tensor, replace: Tensor, prompt_len: Tensor
     ) -> tuple[Tensor, ...]:
-        bb = self.backbone
-        P = prompts.shape[2]
-        valid = torch.arange(P, device=images.device)[None, :] < prompt_len[:, None]  # (B, P)
-        active = torch.zeros_like(replace[0])  # (B,) bool
-        tokens = bb.embed(images)
-        for i in range(bb.num_blocks):
-            active = active | replace[i]
-            tokens = dc_replace(tokens, prompt_mask=valid & active[:, None])
-            # block 0 inserts every sample's P slots (masked until placed); later blocks replace or keep
-            tokens = bb.run_block(i, tokens, prompts[i], location="prepend", prompt_replace=replace[i])
-        return tuple(bb.pool(tokens, m) for m in self.pool_modes)
+        # block 0 inserts every sample's P slots (masked until placed); later blocks replace or keep
+        per_block = [prompts[i, :, :, :d] for i, d in enumerate(self.dims)]
+        hooks = MixedPrompts(per_block, list(replace.unbind(0)), prompt_len, self.pool_modes, traced=True)
+        return self.model.forward_features(images, hooks)
 
 
 def _check_exportable(entry: Any, backbone: Backbone) -> None:
+    if entry.model.method.changes_backbone:
+        raise VptuneError(
+            f"task {entry.name!r} ({entry.method}) trains backbone weights, so it cannot use the shared "
+            "prompt graph; export only prompt, linear and mlp tasks (or serve it with PyTorch)"
+        )
     if not entry.shared:
         raise VptuneError(
-            f"task {entry.name!r} ({entry.method}) changes the backbone or adds modules to it, "
+            f"task {entry.name!r} ({entry.method}) adds modules to the backbone, "
             "so it cannot use the shared prompt graph; export only prompt, linear and mlp tasks"
         )
-    if len({t.shape[1] for t in entry.prompts if t is not None} | {backbone.num_features}) > 1:
-        raise VptuneError(
-            f"task {entry.name!r}: prompt widths differ between blocks; the ONNX layout needs one d"
-        )
+
+
+def _check_tasks(mt: Any, tasks: Sequence[str] | None, input_size: int | None) -> tuple[list[Any], int]:
+    bb = mt.backbone
+    if not bb.exports_onnx:
+        raise VptuneError(f"ONNX export does not support {bb.arch!r} backbones (its blocks do not trace)")
+    names = list(tasks) if tasks else sorted(mt.tasks)
+    if not names:
+        raise VptuneError("no tasks to export: load at least one task")
+    entries = [mt.task(n) for n in names]
+    for e in entries:
+        _check_exportable(e, bb)
+    size = int(input_size or entries[0].preprocessing.input_size)
+    for e in entries:
+        if int(e.preprocessing.input_size) != size:
+            raise VptuneError(
+                f"task {e.name!r} uses input size {e.preprocessing.input_size}, the export "
+                f"{size}: export tasks of one input size together"
+            )
+    return entries, size
 
 
 def export_onnx(
@@ -108,29 +130,31 @@ def export_onnx(
     absolute difference from PyTorch on a random mixed batch (``verification``), and a logit off by more
     than ``atol + rtol * |logit|`` raises VptuneError."""
     _require_onnx()
-    bb = mt.backbone
-    if bb.arch != "vit":
-        raise VptuneError(f"ONNX export supports ViT backbones; this backbone is {bb.arch!r}")
-    names = list(tasks) if tasks else sorted(mt.tasks)
-    if not names:
-        raise VptuneError("no tasks to export: load at least one task")
-    entries = [mt.task(n) for n in names]
-    for e in entries:
-        _check_exportable(e, bb)
-    size = int(input_size or entries[0].preprocessing.input_size)
-    for e in entries:
-        if int(e.preprocessing.input_size) != size:
-            raise VptuneError(
-                f"task {e.name!r} uses input size {e.preprocessing.input_size}, the export "
-                f"{size}: export tasks of one input size together"
-            )
+    entries, size = _check_tasks(mt, tasks, input_size)
     out = Path(out_dir)
     (out / "heads").mkdir(parents=True, exist_ok=True)
     (out / "prompts").mkdir(parents=True, exist_ok=True)
-    L, d = bb.num_blocks, bb.num_features
-    p_max = max(1, max(e.num_prompts for e in entries))
+    graph = PromptedBackboneGraph(mt.backbone).eval()
+    L, d = len(graph.dims), max(graph.dims)
+    _export_backbone(graph, out, size, L, d, max(1, max(e.num_prompts for e in entries)), opset)
+    manifest = _manifest(mt.backbone, graph, size, L, d)
+    for e in entries:
+        manifest["tasks"][e.name] = _export_task(e, out, L, d, opset, manifest["default_pool"])
+    atomic_write_json(out / "manifest.json", manifest)
+    if verify:
+        diff = verify_export(mt, out, [e.name for e in entries], atol=atol, rtol=rtol, input_size=size)
+        manifest["verification"] = {
+            "max_abs_diff": diff,
+            "atol": atol,
+            "rtol": rtol,
+            "runtime": "onnxruntime",
+        }
+        atomic_write_json(out / "manifest.json", manifest)
+    return manifest
 
-    graph = PromptedBackboneGraph(bb).eval()
+
+def _export_backbone(graph: PromptedBackboneGraph, out: Path, size: int, L: int, d: int, p_max: int,
+                     opset: int) -> None:
     B = 2
     example = (
         torch.zeros(B, 3, size, size),
@@ -153,61 +177,55 @@ def export_onnx(
         opset,
     )
 
-    manifest: dict[str, Any] = {
+
+def _manifest(bb: Backbone, graph: PromptedBackboneGraph, size: int, L: int, d: int) -> dict[str, Any]:
+    return {
         "layout": LAYOUT,
         "backbone": bb.identity(),
         "input_size": size,
         "num_blocks": L,
         "dim": d,
+        "block_dims": list(graph.dims),
         "pool_modes": list(graph.pool_modes),
         "default_pool": _default_pool(bb),
         "inputs": {
             "images": "float32 (B, 3, H, W)",
-            "prompts": "float32 (L, B, P, d)",
+            "prompts": "float32 (L, B, P, d): block i reads [..., :block_dims[i]]",
             "replace": "bool (L, B)",
             "prompt_len": "int64 (B,)",
         },
         "tasks": {},
     }
-    for e in entries:
-        prompts = np.zeros((L, max(e.num_prompts, 0), d), dtype=np.float32)
-        replace = np.zeros((L,), dtype=bool)
-        for i, t in enumerate(e.prompts):
-            if t is not None:
-                prompts[i, : t.shape[0]] = t.float().cpu().numpy()
-                replace[i] = True
-        np.savez(out / "prompts" / f"{e.name}.npz", prompts=prompts, replace=replace)
-        head = _HeadGraph(e.model.head).eval()
-        _onnx_export(
-            head,
-            (torch.zeros(2, d),),
-            out / "heads" / f"{e.name}.onnx",
-            ["features"],
-            ["logits"],
-            {"features": {0: "batch"}},
-            opset,
-        )
-        manifest["tasks"][e.name] = {
-            "method": e.method,
-            "num_classes": e.num_classes,
-            "label_names": e.label_names,
-            "num_prompts": e.num_prompts,
-            "pool": e.pool_mode or manifest["default_pool"],
-            "preprocessing": e.preprocessing.to_dict(),
-            "prompts": f"prompts/{e.name}.npz",
-            "head": f"heads/{e.name}.onnx",
-        }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    if verify:
-        diff = verify_export(mt, out, names, atol=atol, rtol=rtol, input_size=size)
-        manifest["verification"] = {
-            "max_abs_diff": diff,
-            "atol": atol,
-            "rtol": rtol,
-            "runtime": "onnxruntime",
-        }
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+
+
+def _export_task(e: Any, out: Path, L: int, d: int, opset: int, default_pool: str) -> dict[str, Any]:
+    prompts = np.zeros((L, max(e.num_prompts, 0), d), dtype=np.float32)
+    replace = np.zeros((L,), dtype=bool)
+    for i, t in enumerate(e.prompts):
+        if t is not None:
+            prompts[i, : t.shape[0], : t.shape[1]] = t.float().cpu().numpy()
+            replace[i] = True
+    np.savez(out / "prompts" / f"{e.name}.npz", prompts=prompts, replace=replace)
+    head = _HeadGraph(e.model.head).eval()
+    _onnx_export(
+        head,
+        (torch.zeros(2, e.model.backbone.num_features),),
+        out / "heads" / f"{e.name}.onnx",
+        ["features"],
+        ["logits"],
+        {"features": {0: "batch"}},
+        opset,
+    )
+    return {
+        "method": e.method,
+        "num_classes": e.num_classes,
+        "label_names": e.label_names,
+        "num_prompts": e.num_prompts,
+        "pool": e.pool_mode or default_pool,
+        "preprocessing": e.preprocessing.to_dict(),
+        "prompts": f"prompts/{e.name}.npz",
+        "head": f"heads/{e.name}.onnx",
+    }
 
 
 def _default_pool(bb: Backbone) -> str:

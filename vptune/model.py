@@ -9,19 +9,34 @@ Frozen parameters have ``requires_grad=False`` and stay in eval mode under ``mod
 paper keeps the pretrained blocks frozen, so no dropout or drop-path runs in them). Methods that train
 backbone tensors (full, partial-k, bias) get their own copy of the backbone, so one backbone object can
 serve many tasks at once.
+
+The forward pass is timm's staged style, ``forward = forward_head(forward_features(x))``, and
+:meth:`TunedModel.forward_features` is the one block loop of vptune: methods (and the mixed-batch hooks
+of :mod:`vptune.multitask` and :mod:`vptune.export`) supply hooks only (see :mod:`vptune.methods.base`).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from vptune.backbones.base import Backbone
+from vptune.backbones.base import Backbone, Tokens
+from vptune.errors import VptuneError
 from vptune.methods import Method, build_method, set_trainable
-from vptune.methods.base import build_task_head
+from vptune.methods.base import BlockHooks, BlockInput, build_task_head
+
+# The task-file layer (vptune.artifact, above this module: it builds models) registers how a model is
+# saved and loaded; ``import vptune`` always imports it, so the registry is filled before any use.
+_PERSISTENCE: dict[str, Callable[..., Any]] = {}
+
+
+def register_persistence(save: Callable[..., Path], load: Callable[..., TunedModel]) -> None:
+    _PERSISTENCE.update(save=save, load=load)
 
 
 class TunedModel(nn.Module):
@@ -48,12 +63,36 @@ class TunedModel(nn.Module):
         k = self.method.suffix_option
         return f"{name}-{getattr(self.method.options, k)}" if k else name
 
-    def features(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, num_features), the head's input."""
-        return self.method.features(self.backbone, images, self.gradient_checkpointing)
+    def forward_features(self, images: Tensor, hooks: BlockHooks | None = None) -> Any:
+        """(B, 3, H, W) -> (B, num_features), the head's input: the paper's Eq. 1-6,
+
+            x_0 = embed(I);  x_i = L_i(x_{i-1}, block i's input);  f = fuse(pool(x_N), I).
+
+        ``hooks`` (default: this model's method) say what block i receives and how the final tokens
+        pool; a mixed batch of many tasks brings its own (:class:`vptune.methods.mixed.MixedPrompts`)."""
+        hooks = self.method if hooks is None else hooks
+        tokens = self.backbone.embed(images)
+        for i in range(self.backbone.num_blocks):
+            tokens, given = hooks.block_input(i, tokens, images.shape[0])
+            tokens = self._run_block(i, tokens, given)
+        return hooks.fuse(hooks.pool(self.backbone, tokens), images)
+
+    features = forward_features  # the name before issue 13
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        return self.head(features)  # (B, num_classes)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.features(images))  # (B, num_classes)
+        return self.forward_head(self.forward_features(images))
+
+    def _run_block(self, i: int, tokens: Tokens, given: BlockInput) -> Tokens:
+        kwargs = {"location": given.location, "ffn_adapter": given.ffn_adapter,
+                  "prompt_replace": given.prompt_replace, "prompt_outputs": given.prompt_outputs}
+        if not self.gradient_checkpointing:
+            return self.backbone.run_block(i, tokens, given.prompts, **kwargs)
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.backbone.run_block, i, tokens, given.prompts, use_reentrant=False, **kwargs)
 
     def train(self, mode: bool = True) -> TunedModel:
         """Train mode for modules that hold trained parameters; every frozen module stays in eval."""
@@ -90,16 +129,14 @@ class TunedModel(nn.Module):
 
     # --- persistence --------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, training: dict[str, Any] | None = None) -> Path:
-        from vptune.artifact import save_task
-
-        return save_task(self, directory, training=training)
+        """Write the task folder (:func:`vptune.artifact.save_task`)."""
+        return _PERSISTENCE["save"](self, directory, training=training)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, backbone: Backbone, *,
                         check_backbone: bool = True) -> TunedModel:
-        from vptune.artifact import load_task
-
-        return load_task(directory, backbone, check_backbone=check_backbone)
+        """Rebuild a task folder on ``backbone`` (:func:`vptune.artifact.load_task`)."""
+        return _PERSISTENCE["load"](directory, backbone, check_backbone=check_backbone)
 
 
 def create_model(backbone: Backbone, method: str, num_classes: int, *, label_names: list[str] | None = None,
@@ -109,7 +146,6 @@ def create_model(backbone: Backbone, method: str, num_classes: int, *, label_nam
     ``head_norm="batchnorm"`` puts a BatchNorm without affine parameters before the head (MAE's linear
     probe; it makes the head's lr independent of the backbone's feature scale); ``head_init="reference"``
     uses the reference code's head init (kaiming-normal fan-out, bias -4.595) instead of a small one."""
-    from vptune.errors import VptuneError
 
     if int(num_classes) < 1:
         raise VptuneError(f"num_classes must be >= 1, got {num_classes}")
@@ -117,3 +153,10 @@ def create_model(backbone: Backbone, method: str, num_classes: int, *, label_nam
         raise VptuneError(f"{len(label_names)} label names given for {num_classes} classes")
     return TunedModel(backbone, build_method(method, backbone, **options), num_classes, label_names,
                       head_norm=head_norm, head_init=head_init)
+
+
+def frozen_model(backbone: Backbone) -> TunedModel:
+    """The plain frozen backbone as a model (linear method, one class), for callers that run the block
+    loop with their own hooks (mixed batches, ONNX export). Built without drawing from the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        return create_model(backbone, "linear", 1)

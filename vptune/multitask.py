@@ -34,13 +34,11 @@ Thread-safe: ``add_task``/``remove_task`` may run while another thread calls ``f
 
 from __future__ import annotations
 
-import inspect
 import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +47,8 @@ from torch import Tensor
 
 from vptune.backbones.base import Backbone
 from vptune.errors import VptuneError
+from vptune.methods.mixed import MixedPrompts
+from vptune.model import frozen_model
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
@@ -95,16 +95,8 @@ class TaskEntry:
 
 
 def is_shared_method(model: Any) -> bool:
-    """Whether a TunedModel's method only hands the frozen backbone prepended prompts (or nothing)."""
-    from vptune.methods.base import Method
-
-    method = model.method
-    if method.changes_backbone or getattr(method, "location", "prepend") != "prepend":
-        return False
-    if type(method).features is not Method.features:  # side-tuning and the like: own features
-        return False
-    n = model.backbone.num_blocks
-    return all(method.block_adapter(i) is None for i in range(n))
+    """Whether a TunedModel's method can join a shared pass (it declares one: :meth:`Method.shared_pass`)."""
+    return model.method.shared_pass(model.backbone.num_blocks) is not None
 
 
 class MultiTaskModel:
@@ -123,8 +115,8 @@ class MultiTaskModel:
         self._lock = threading.RLock()
         self._tables: OrderedDict[tuple, tuple[list[Tensor | None], list[Tensor]]] = OrderedDict()
         self._table_cache = int(table_cache)
-        params = inspect.signature(backbone.run_block).parameters
-        self.mixes_prompts = "prompt_replace" in params  # else prompt tasks run one task per pass
+        self.mixes_prompts = bool(backbone.supports_mixed_batches)  # else prompt tasks run one task per pass
+        self._runner = frozen_model(backbone)  # the one block loop, run with mixed-batch hooks
 
     # --- tasks ---------------------------------------------------------------------------------------
     @property
@@ -173,19 +165,16 @@ class MultiTaskModel:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        entry = TaskEntry(
-            name=name, directory=directory, model=model, meta=meta, shared=is_shared_method(model)
-        )
-        if entry.shared:
-            with torch.no_grad():
-                entry.prompts = [
-                    _as_2d(model.method.block_prompts(i, 1)) for i in range(self.backbone.num_blocks)
-                ]
+        with torch.no_grad():
+            spec = model.method.shared_pass(self.backbone.num_blocks)
+        entry = TaskEntry(name=name, directory=directory, model=model, meta=meta, shared=spec is not None)
+        if spec is not None:
+            entry.prompts = list(spec.prompts)
             lengths = {int(t.shape[0]) for t in entry.prompts if t is not None}
             if len(lengths) > 1:  # never produced by the built-in methods; keep such a task apart
                 entry.shared = False
             entry.num_prompts = max(lengths, default=0)
-            entry.pool_mode = model.method.pool_mode
+            entry.pool_mode = spec.pool_mode
         with self._lock:
             self._check_name(name, replace)  # again: another thread may have added it meanwhile
             self._tasks[name] = entry
@@ -264,8 +253,8 @@ class MultiTaskModel:
         return [r for r in out if r]
 
     def _shared_pass(self, x: Tensor, entries: list[TaskEntry]) -> list[Tensor]:
-        tokens = self._run_shared(x, entries)
-        feats = {m: self.backbone.pool(tokens, m) for m in {e.pool_mode for e in entries}}  # each (B, d)
+        modes = sorted({e.pool_mode for e in entries}, key=str)
+        feats = dict(zip(modes, self._runner.forward_features(x, self._hooks(x, entries, modes))))  # (B, d)
         by_task: dict[str, list[int]] = {}
         for r, e in enumerate(entries):
             by_task.setdefault(e.name, []).append(r)
@@ -273,13 +262,13 @@ class MultiTaskModel:
         for rows in by_task.values():
             e = entries[rows[0]]
             idx = torch.tensor(rows, device=x.device)
-            y = e.model.head(feats[e.pool_mode].index_select(0, idx))  # (n_t, C_t)
+            y = e.model.forward_head(feats[e.pool_mode].index_select(0, idx))  # (n_t, C_t)
             for r, lg in zip(rows, y.unbind(0)):
                 out[r] = lg
         return out  # type: ignore[return-value]
 
-    def _run_shared(self, x: Tensor, entries: list[TaskEntry]):  # -> Tokens
-        bb = self.backbone
+    def _hooks(self, x: Tensor, entries: list[TaskEntry], modes: list[str | None]) -> MixedPrompts:
+        """The mixed-batch hooks of one shared pass: every sample's task prompts, padded."""
         uniq: list[TaskEntry] = []
         pos: dict[str, int] = {}
         for e in entries:
@@ -290,30 +279,8 @@ class MultiTaskModel:
         P = max(e.num_prompts for e in uniq)
         tables, has = self._prompt_tables(uniq, P, x.device, x.dtype)
         plen = torch.tensor([e.num_prompts for e in uniq], device=x.device)[tix]  # (B,)
-        valid = torch.arange(P, device=x.device)[None] < plen[:, None]  # (B, P) real prompt slots
-        tokens = bb.embed(x)
-        active = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # sample's prompts are in
-        for i in range(bb.num_blocks):
-            kwargs: dict[str, Any] = {}
-            prompts = None
-            if tables[i] is not None:
-                prompts = tables[i].index_select(0, tix)  # (B, P, d_i)
-                replace_i = has[i].index_select(0, tix)  # (B,)
-                active = replace_i.clone() if tokens.num_prompts == 0 else active | replace_i
-                mask = valid & active[:, None]
-                tokens = dc_replace(tokens, prompt_mask=None if bool(mask.all()) else mask)
-                if not bool(replace_i.all()):
-                    kwargs["prompt_replace"] = replace_i
-            tokens = bb.run_block(i, tokens, prompts, location="prepend", **kwargs)
-            # follow the backbone's own state: Swin may drop prompts at a patch merge, for every sample
-            # (num_prompts 0) or, in a mixed batch, for samples whose prompts were to flow on (mask)
-            if tokens.num_prompts == 0:
-                active = torch.zeros_like(active)
-            elif tokens.prompt_mask is not None:
-                active = tokens.prompt_mask.any(dim=1)
-            else:
-                active = torch.ones_like(active)
-        return tokens
+        prompts = [None if t is None else t.index_select(0, tix) for t in tables]  # (B, P, d_i)
+        return MixedPrompts(prompts, [h.index_select(0, tix) for h in has], plen, modes)
 
     def _prompt_tables(
         self, uniq: list[TaskEntry], P: int, device: torch.device, dtype: torch.dtype
@@ -345,13 +312,6 @@ class MultiTaskModel:
             while len(self._tables) > self._table_cache:
                 self._tables.popitem(last=False)
         return tables, has
-
-
-def _as_2d(prompts: Tensor | None) -> Tensor | None:
-    if prompts is None:
-        return None
-    prompts = prompts.detach()
-    return prompts[0] if prompts.dim() == 3 else prompts  # (p, d)
 
 
 def _stack(images: Tensor | Sequence[Tensor], rows: list[int]) -> Tensor:

@@ -115,6 +115,9 @@ class Backbone(nn.Module):
     patch_size: tuple[int, int]
     preprocessing: Preprocessing
     pool_modes: tuple[str, ...] = ("cls",)
+    num_prefix_tokens: ClassVar[int] = 0  # tokens before the prompt slots ([CLS] for a ViT)
+    exports_onnx: ClassVar[bool] = False  # vptune.export can trace it into the shared prompt graph
+    supports_mixed_batches: ClassVar[bool] = True  # run_block honours prompt_mask and prompt_replace
 
     def embed(self, images: Tensor) -> Tokens:
         """(B, 3, H, W) images -> token state before block 0 (no prompts yet)."""

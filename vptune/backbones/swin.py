@@ -302,6 +302,7 @@ class SwinTransformer(Backbone):
 
     arch = "swin"
     pool_modes = POOL_MODES
+    exports_onnx = True  # prompts padded to the widest stage; block i reads its stage's width
 
     def __init__(self, config: SwinConfig, input_size: int | None = None) -> None:
         super().__init__()

@@ -185,6 +185,8 @@ class VisionTransformer(Backbone):
 
     arch = "vit"
     pool_modes = POOL_MODES
+    num_prefix_tokens = 1  # [CLS]
+    exports_onnx = True
 
     def __init__(self, config: ViTConfig, input_size: int | None = None) -> None:
         super().__init__()

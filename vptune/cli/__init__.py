@@ -24,7 +24,7 @@ def add_overrides_arg(p: argparse.ArgumentParser, help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vptune import __version__
+    from vptune.version import __version__
 
     parser = argparse.ArgumentParser(
         prog="vptune", description="Visual Prompt Tuning (Jia et al., ECCV 2022) for frozen vision backbones."

@@ -70,7 +70,8 @@ def prepare(assets: str, opts: Any, log: Callable[[str], None]) -> dict[str, Any
     from vptune.backbones import create_backbone
     from vptune.data.mini_vtab import find_datasets
     from vptune.data.transforms import build_transform
-    from vptune.demo import DownstreamRecipe, shapes
+    from vptune.demo import shapes
+    from vptune.demo.options import DownstreamRecipe
 
     weights = Path(assets) / "weights" / WEIGHTS
     if not weights.is_dir():

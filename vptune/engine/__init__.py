@@ -6,6 +6,7 @@
                                          #                    task/, result.json}
 """
 
+from vptune.engine import distributed as _distributed  # noqa: F401  (registers the torchrun launcher)
 from vptune.engine.config import (
     BackboneCfg,
     DataCfg,

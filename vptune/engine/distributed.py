@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from vptune.engine.checkpoint import CHECKPOINT
 from vptune.engine.evaluate import accumulate, compute_metrics, make_loader
-from vptune.engine.trainer import Trainer
+from vptune.engine.trainer import PARALLEL_LAUNCHERS, Trainer, build_trainer, prepare_output
 from vptune.errors import VptuneError
 
 logger = logging.getLogger("vptune")
@@ -188,11 +188,8 @@ def setup(device_name: str = "auto") -> DistContext:
         backend = os.environ.get(BACKEND_ENV) or ("nccl" if device.type == "cuda" else "gloo")
         if backend == "nccl" and device.type != "cuda":
             raise VptuneError("the NCCL backend needs GPUs; use gloo on CPU (unset VPTUNE_DIST_BACKEND)")
-        import inspect
-
-        bind = device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters
         try:
-            dist.init_process_group(backend=backend, **({"device_id": device} if bind else {}))
+            _init_process_group(backend, device)
         except ValueError as e:  # env:// without MASTER_ADDR / MASTER_PORT
             raise VptuneError(f"cannot join the process group ({e}); launch with torchrun, which sets "
                               "MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK") from None
@@ -351,6 +348,17 @@ class DistributedTrainer(Trainer):
         return out
 
 
+def _init_process_group(backend: str, device: torch.device) -> None:
+    """Join the group, binding the GPU (``device_id``) where this torch accepts it (torch >= 2.3)."""
+    if device.type == "cuda":
+        try:
+            dist.init_process_group(backend=backend, device_id=device)
+            return
+        except TypeError:  # an older torch without the keyword
+            pass
+    dist.init_process_group(backend=backend)
+
+
 # ------------------------------------------------------------------------------------------ entry point
 
 def run_training_ddp(cfg: Any, *, resume: bool = False, overwrite: bool = False,
@@ -358,8 +366,6 @@ def run_training_ddp(cfg: Any, *, resume: bool = False, overwrite: bool = False,
                      num_classes: int | None = None, label_names: list[str] | None = None) -> dict[str, Any]:
     """:func:`~vptune.engine.trainer.run_training` for one process of a ``torchrun`` launch (the module
     docstring says what differs); every process returns rank 0's summary."""
-    from vptune.engine.trainer import build_trainer, prepare_output
-
     ctx = setup(cfg.runtime.device)
     log = logging.getLogger("vptune")
     level = log.level
@@ -380,3 +386,6 @@ def run_training_ddp(cfg: Any, *, resume: bool = False, overwrite: bool = False,
     finally:
         log.setLevel(level)
         ctx.close()
+
+
+PARALLEL_LAUNCHERS.append((launched, run_training_ddp))

@@ -271,9 +271,9 @@ def feature_cache_path(cache_dir: str | Path, fingerprint: str, root: str, split
 def extract_features(backbone: Any, dataset: Any, device: torch.device, batch_size: int = 128,
                      num_workers: int = 0, progress: bool = False) -> Tensor:
     """The linear method's head input (the backbone's pooled final features) for every item, (N, d)."""
-    from vptune.methods import build_method
+    from vptune.model import frozen_model
 
-    method = build_method("linear", backbone)
+    model = frozen_model(backbone)  # the one block loop, linear method: the probe's head input
     backbone.to(device).eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     if progress:
@@ -283,7 +283,7 @@ def extract_features(backbone: Any, dataset: Any, device: torch.device, batch_si
 
         loader = tqdm(loader, desc=f"features {getattr(dataset, 'name', '')}", unit="batch", leave=False,
                       disable=not sys.stderr.isatty())
-    parts = [method.features(backbone, images.to(device)).float().cpu() for images, _ in loader]
+    parts = [model.forward_features(images.to(device)).float().cpu() for images, _ in loader]
     return torch.cat(parts) if parts else torch.zeros(0, backbone.num_features)
 
 
@@ -376,9 +376,19 @@ def training_rows(backbone: Any, data: Any, split: str, seed: int, full: Feature
 PASS_AXES = ("optim.base_lr", "optim.weight_decay", "runtime.seed", "output")
 
 
+def is_head_only(method: str) -> bool:
+    """Whether a method name declares ``head_only`` (a linear head on frozen features, nothing else)."""
+    from vptune.methods.base import parse_method_name
+
+    try:
+        return bool(parse_method_name(method)[0].head_only)
+    except VptuneError:
+        return False
+
+
 def one_pass_eligible(cfg: Any) -> str | None:
     """None when a config can train in a one-pass linear sweep, else why not (a sentence)."""
-    if cfg.method.name != "linear":
+    if not is_head_only(cfg.method.name):
         return f"method {cfg.method.name!r} is not the linear probe"
     if cfg.optim.optimizer not in ("auto", "paper", "sgd"):
         return f"optimizer {cfg.optim.optimizer!r} (the one-pass sweep implements SGD with momentum)"

@@ -46,7 +46,7 @@ def execute_job(job: Any, spec: dict[str, Any], backbone: Any = None) -> list[st
     """Run one job on a Ray worker (also callable in-process); returns the folders it trained."""
     import torch
 
-    from vptune.engine.sweep import Env
+    from vptune.engine.sweep_exec import Env
 
     torch.set_num_threads(max(1, int(spec.get("threads") or 1)))
     if spec.get("train_fn") is None and backbone is None:

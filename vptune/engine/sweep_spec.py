@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from vptune.engine.sweep_registry import check_backend
 from vptune.errors import VptuneError, check_choice
 
 # The paper's grids (REFERENCE.md "Training recipe"): base lr for SGD methods (prompts, linear, MLP,
@@ -136,9 +137,7 @@ def parse_sweep(data: dict[str, Any], base_dir: str | Path = ".", overrides: Seq
     one_pass = {True: "on", False: "off"}.get(raw, raw) if isinstance(raw, (bool, str)) else raw
     check_choice("linear_one_pass", one_pass, ("auto", "on", "off"))
     backend = str(data.get("backend", "local"))
-    from vptune.engine.sweep import backend_factory  # the backend registry lives with the execution
-
-    backend_factory(backend)
+    check_backend(backend)
     return SweepSpec(base=base, tasks=tasks, methods=methods, output=str(data.get("output", "runs/sweep")),
                      seeds=_parse_seeds(data.get("seeds", 3)), splits=splits, backend=backend,
                      grid_seed=_int(data.get("grid_seed", base["runtime"]["seed"]), "grid_seed"),

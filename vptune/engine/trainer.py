@@ -28,6 +28,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,9 @@ TASK_DIR = "task"
 TB_DIR = "tb"
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, RESULT_FILE, CHECKPOINT, TASK_DIR, TB_DIR)
 _TB_WARNED = False
+# (launched, run): multi-process launchers, registered by vptune.engine.distributed (which subclasses the
+# Trainer, so this module must not import it); ``vptune.engine`` imports it, so it is always registered.
+PARALLEL_LAUNCHERS: list[tuple[Callable[[], bool], Callable[..., dict[str, Any]]]] = []
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -82,11 +86,10 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = Fa
     """
     validate_config(cfg)
     check_method(cfg)
-    from vptune.engine import distributed
-
-    if distributed.launched():  # started by torchrun (WORLD_SIZE > 1): data-parallel training
-        return distributed.run_training_ddp(cfg, resume=resume, overwrite=overwrite, datasets=datasets,
-                                            backbone=backbone, num_classes=num_classes, label_names=label_names)
+    for launched, run_parallel in PARALLEL_LAUNCHERS:  # torchrun (WORLD_SIZE > 1): data-parallel training
+        if launched():
+            return run_parallel(cfg, resume=resume, overwrite=overwrite, datasets=datasets, backbone=backbone,
+                                num_classes=num_classes, label_names=label_names)
     out = Path(cfg.output)
     stored = prepare_output(out, cfg, resume=resume, overwrite=overwrite)
     if stored is not None:

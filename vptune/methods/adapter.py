@@ -56,7 +56,6 @@ class Bottleneck(nn.Module):
 class Adapter(Method):
     name = "adapter"
     options_cls = AdapterOptions
-    changes_backbone = False  # adapters live beside the frozen blocks; backbone tensors stay untouched
     optimizer = "adamw"
     paper_optimizer = "adamw"
     lr_groups: ClassVar[dict[str, tuple[str, ...]]] = {"adapters": (r"^method\.",)}

@@ -1,18 +1,33 @@
 """The method protocol, its registry and trainability as data.
 
-A method (peft-style, one file each) declares:
+A method (peft-style, one file each) supplies hooks to the one block loop,
+:meth:`vptune.model.TunedModel.forward_features` (the paper's Eq. 1-6)::
+
+    tokens = embed(images)
+    for i in blocks:  tokens, given = method.block_input(i, tokens, B);  tokens = run_block(i, tokens, given)
+    features = method.fuse(method.pool(backbone, tokens), images)
+
+and never owns the loop. What it declares:
+
 - ``trainable_patterns(backbone)``: anchored regular expressions over the parameter names of the
   :class:`~vptune.model.TunedModel` (``backbone.*``, ``method.*``, ``head.*``) that train. The head always
   trains. :func:`set_trainable` is the one place that sets ``requires_grad``; it raises on a pattern
-  that matches nothing (big_vision's trainability-as-data).
-- ``block_prompts(i, batch)``: the prompts block ``i`` receives (or None), and
-  ``block_adapter(i)``: an optional FFN adapter module for block ``i``. The backbone alone decides
-  where those go; methods never slice token sequences.
+  that matches nothing (big_vision's trainability-as-data). ``changes_backbone`` is derived from them
+  (:func:`trains_backbone`), never kept by hand.
+- ``block_prompts(i, batch)``: the prompts block ``i`` receives (or None), and ``block_adapter(i)``: an
+  optional FFN adapter module for block ``i``; :meth:`Method.block_input` packs them into a
+  :class:`BlockInput` (a method with more to say, such as VPT's prompt location, overrides it). The
+  backbone alone decides where those go; methods never slice token sequences.
+- ``pool(backbone, tokens)`` and ``fuse(features, images)``: the head's input (a side branch such as
+  side-tuning blends in at ``fuse``).
 - ``build_head(in_dim, num_classes)``: the classifier (linear by default).
 - Its optimisation, as data: ``optimizer`` (vptune's default recipe) and ``paper_optimizer`` (the paper's,
   Sec. 4.1, used by ``recipe: reference``), ``default_lr`` (the peak lr per optimiser when a config gives
   none), ``lr_groups`` (named groups of trained tensors whose lr a config may scale; the head is always the
   group ``head``) and ``no_decay_patterns`` (tensors that take no weight decay beyond the general rule).
+- ``head_only``: only a linear head trains, on the plain backbone's pooled features (the linear probe;
+  the one-pass linear sweep keys off it); ``sweep_axes``: which options a sweep grid may vary; ``shared_pass(num_blocks)``: how the
+  task joins a mixed batch on a shared frozen backbone (:class:`SharedPass`), or None for its own pass.
 """
 
 from __future__ import annotations
@@ -21,7 +36,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from torch import Tensor, nn
 
@@ -37,13 +52,47 @@ class NoOptions:
     """Methods without options."""
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockInput:
+    """What block ``i`` receives besides the running tokens (see :meth:`Backbone.run_block`).
+
+    prompts: (p, d_i) or (B, p, d_i) prompts to insert or replace, or None. location: 'prepend' or 'add'.
+    ffn_adapter: an optional module mapping the FFN output h to h + adapter(h).
+    prompt_replace: (B,) bool per sample, mixed batches only. prompt_outputs: False when nobody reads
+    this block's prompt outputs (the backbone may skip them)."""
+
+    prompts: Tensor | None = None
+    location: str = "prepend"
+    ffn_adapter: nn.Module | None = None
+    prompt_replace: Tensor | None = None
+    prompt_outputs: bool = True
+
+
+class BlockHooks(Protocol):
+    """What the block loop asks of a method (or of a mixed-batch hook set, :mod:`vptune.methods.mixed`)."""
+
+    def block_input(self, i: int, tokens: Tokens, batch: int) -> tuple[Tokens, BlockInput]: ...
+
+    def pool(self, backbone: Backbone, tokens: Tokens) -> Any: ...
+
+    def fuse(self, features: Any, images: Tensor) -> Any: ...
+
+
+@dataclasses.dataclass
+class SharedPass:
+    """How a task joins a mixed batch on a shared frozen backbone: per block its (p, d_i) prompts (None
+    where it places none; all None for a head-only task) and its pool mode (None: the backbone's)."""
+
+    prompts: list[Tensor | None]
+    pool_mode: str | None = None
+
+
 class Method(nn.Module):
     """Base class: the plain frozen backbone with a linear head, nothing else trained."""
 
     name: ClassVar[str] = ""
     options_cls: ClassVar[type] = NoOptions
     suffix_option: ClassVar[str | None] = None  # "k" for partial-k and mlp-k
-    changes_backbone: ClassVar[bool] = False  # trains backbone tensors: the model owns a copy
     optimizer: ClassVar[str] = "sgd"  # vptune's default recipe (see vptune/engine/recipes.py)
     paper_optimizer: ClassVar[str] = "sgd"  # the paper's optimiser for this method (Sec. 4.1)
     # peak lr (no batch-size scaling) per optimiser when a config gives none; chosen by the val-only
@@ -53,54 +102,55 @@ class Method(nn.Module):
     lr_grid: ClassVar[dict[str, tuple[float, ...]]] = {"sgd": (0.1, 0.5, 2.5), "adamw": (1e-4, 3e-4, 1e-3)}
     lr_groups: ClassVar[dict[str, tuple[str, ...]]] = {}  # group name -> anchored patterns
     no_decay_patterns: ClassVar[tuple[str, ...]] = ()  # anchored patterns: no weight decay
-    location: str = "prepend"
+    head_only: ClassVar[bool] = False  # only a linear head trains, on the plain backbone's pooled features
+    sweep_axes: ClassVar[tuple[str, ...]] = ()  # options a sweep grid may vary (e.g. VPT's num_tokens)
 
     def __init__(self, backbone: Backbone, options: Any) -> None:
         super().__init__()
         self.options = options
-        self.pool_mode: str | None = None
+        self._changes_backbone: bool | None = None
 
     # --- what trains -----------------------------------------------------------------------------
     def trainable_patterns(self, backbone: Backbone) -> list[str]:
         return []
 
-    # --- what the backbone receives --------------------------------------------------------------
+    @property
+    def changes_backbone(self) -> bool:
+        """Whether this method trains backbone tensors (so a model owns a copy of the backbone); derived
+        from :meth:`trainable_patterns` by :func:`build_method`."""
+        if self._changes_backbone is None:
+            raise VptuneError(f"method {self.name!r} was not built with build_method(); changes_backbone is unknown")
+        return self._changes_backbone
+
+    # --- what the backbone receives (hooks of the block loop) ------------------------------------
     def block_prompts(self, i: int, batch: int) -> Tensor | None:
         return None
 
     def block_adapter(self, i: int) -> nn.Module | None:
         return None
 
+    def block_input(self, i: int, tokens: Tokens, batch: int) -> tuple[Tokens, BlockInput]:
+        """The tokens block ``i`` runs on and what it receives (prompts, FFN adapter)."""
+        return tokens, BlockInput(prompts=self.block_prompts(i, batch), ffn_adapter=self.block_adapter(i))
+
+    def pool(self, backbone: Backbone, tokens: Tokens) -> Tensor:
+        """The final tokens -> (B, num_features), the backbone's default pooling."""
+        return backbone.pool(tokens)
+
+    def fuse(self, features: Tensor, images: Tensor) -> Tensor:
+        """Blend a side branch into the pooled features (none by default)."""
+        return features
+
+    def shared_pass(self, num_blocks: int) -> SharedPass | None:
+        """How this task joins a mixed batch on a shared frozen backbone, or None (it runs its own pass).
+        A head-only method joins with no prompts; methods that only hand prepended prompts override."""
+        return SharedPass([None] * num_blocks) if self.head_only else None
+
     def build_head(self, in_dim: int, num_classes: int) -> nn.Module:
         return linear_head(in_dim, num_classes)
 
-    def features(self, backbone: Backbone, images: Tensor, checkpointing: bool = False) -> Tensor:
-        """embed -> run_block(i, tokens, prompts_i) for every block -> pool: (B, num_features)."""
-        tokens = backbone.embed(images)
-        for i in range(backbone.num_blocks):
-            prompts, adapter = self.block_prompts(i, images.shape[0]), self.block_adapter(i)
-            tokens = _run_block(backbone, i, tokens, prompts, self.location, adapter, checkpointing,
-                                self.prompt_outputs_needed(i, backbone.num_blocks))
-        return backbone.pool(tokens, self.pool_mode)
-
-    def prompt_outputs_needed(self, i: int, num_blocks: int) -> bool:
-        """Whether anything reads block i's prompt outputs (False lets the backbone skip them)."""
-        return True
-
     def option_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)
-
-
-def _run_block(backbone: Backbone, i: int, tokens: Tokens, prompts: Tensor | None, location: str,
-               adapter: nn.Module | None, checkpointing: bool, prompt_outputs: bool = True) -> Tokens:
-    kwargs = {"location": location, "ffn_adapter": adapter}
-    if not prompt_outputs:
-        kwargs["prompt_outputs"] = False
-    if not checkpointing:
-        return backbone.run_block(i, tokens, prompts, **kwargs)
-    from torch.utils.checkpoint import checkpoint
-
-    return checkpoint(backbone.run_block, i, tokens, prompts, use_reentrant=False, **kwargs)
 
 
 HEAD_NORMS = ("none", "batchnorm")
@@ -197,7 +247,15 @@ def build_method(name: str, backbone: Backbone, **options: Any) -> Method:
     for key, value in implied.items():
         if key in options and options[key] != value:
             raise VptuneError(f"method {name!r} implies {key}={value}, but options give {key}={options[key]}")
-    return cls(backbone, parse_options(cls, {**options, **implied}))
+    method = cls(backbone, parse_options(cls, {**options, **implied}))
+    method._changes_backbone = trains_backbone(method.trainable_patterns(backbone), backbone)
+    return method
+
+
+def trains_backbone(patterns: Sequence[str], backbone: Backbone) -> bool:
+    """Whether any trainable pattern matches a parameter of ``backbone`` (named ``backbone.<name>``)."""
+    compiled = [re.compile(p) for p in patterns]
+    return any(c.match("backbone." + n) for n, _ in backbone.named_parameters() for c in compiled)
 
 
 def set_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:

@@ -11,7 +11,6 @@ from vptune.methods.base import Method, register
 @register
 class Full(Method):
     name = "full"
-    changes_backbone = True
     optimizer = "adamw"
     paper_optimizer = "adamw"
     lr_groups: ClassVar[dict[str, tuple[str, ...]]] = {"backbone": (r"^backbone\.",)}

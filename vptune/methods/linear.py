@@ -10,3 +10,4 @@ class Linear(Method):
     name = "linear"
     optimizer = "sgd"
     paper_optimizer = "sgd"
+    head_only = True

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from vptune.errors import VptuneError
-from vptune.methods.base import Method, linear_head, register
+from vptune.methods.base import Method, SharedPass, linear_head, register
 
 
 @dataclass
@@ -34,6 +34,10 @@ class MLP(Method):
     suffix_option = "k"
     optimizer = "sgd"
     paper_optimizer = "sgd"
+
+    def shared_pass(self, num_blocks: int) -> SharedPass:
+        """Only the head trains (not a linear one, so not ``head_only``): it joins mixed batches promptless."""
+        return SharedPass([None] * num_blocks)
 
     def build_head(self, in_dim: int, num_classes: int) -> nn.Module:
         hidden = self.options.hidden_dim or in_dim

@@ -24,7 +24,6 @@ class Partial(Method):
     name = "partial"
     options_cls = PartialOptions
     suffix_option = "k"
-    changes_backbone = True
     optimizer = "adamw"
     paper_optimizer = "adamw"
     lr_groups: ClassVar[dict[str, tuple[str, ...]]] = {"backbone": (r"^backbone\.",)}

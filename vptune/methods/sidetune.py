@@ -58,7 +58,7 @@ class Sidetune(Method):
     def trainable_patterns(self, backbone: Backbone) -> list[str]:
         return [r"^method\.side\.", r"^method\.alpha$"]
 
-    def features(self, backbone: Backbone, images: Tensor, checkpointing: bool = False) -> Tensor:
-        frozen = super().features(backbone, images, checkpointing)  # (B, d)
+    def fuse(self, features: Tensor, images: Tensor) -> Tensor:
+        frozen = features  # (B, d)
         gate = torch.sigmoid(self.alpha)
         return gate * frozen + (1 - gate) * self.side(images)  # (B, d)

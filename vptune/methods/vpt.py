@@ -16,9 +16,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from vptune.backbones.base import Backbone
+from vptune.backbones.base import Backbone, Tokens
 from vptune.errors import VptuneError, check_choice
-from vptune.methods.base import Method, register
+from vptune.methods.base import BlockInput, Method, SharedPass, register
 
 INITS = ("uniform", "normal", "zeros")
 LOCATIONS = ("prepend", "add")
@@ -59,6 +59,7 @@ class _VPT(Method):
     optimizer = "adamw"
     paper_optimizer = "sgd"
     lr_groups: ClassVar[dict[str, tuple[str, ...]]] = {"prompts": (r"^method\.prompts\.", r"^method\.project\.")}
+    sweep_axes = ("num_tokens",)  # the paper's prompt-length search (Sec. 4.1)
     deep: bool = False
 
     def __init__(self, backbone: Backbone, options: VPTOptions) -> None:
@@ -68,6 +69,7 @@ class _VPT(Method):
         if options.pool is not None:
             check_choice("pool mode", options.pool, backbone.pool_modes)
         self.pool_mode = options.pool
+        self.num_blocks = len(infos)
         self.blocks = self._prompted_blocks(len(infos))
         p = backbone.num_patches() if options.location == "add" else options.num_tokens
         ph, pw = backbone.patch_size
@@ -120,6 +122,24 @@ class _VPT(Method):
         if self.dropout.p > 0 and self.training:  # a dropout mask per sample, as the reference code
             prompts = prompts.expand(batch, -1, -1)  # (B, p, d)
         return self.dropout(prompts)  # (p, d) or (B, p, d)
+
+    def block_input(self, i: int, tokens: Tokens, batch: int) -> tuple[Tokens, BlockInput]:
+        """Block i's own prompts (Eq. 5: deep replaces the previous block's prompt outputs), at this
+        method's location; the backbone may skip prompt outputs nobody reads."""
+        return tokens, BlockInput(prompts=self.block_prompts(i, batch), location=self.location,
+                                  prompt_outputs=self.prompt_outputs_needed(i, self.num_blocks))
+
+    def pool(self, backbone: Backbone, tokens: Tokens) -> Tensor:
+        return backbone.pool(tokens, self.pool_mode)
+
+    def shared_pass(self, num_blocks: int) -> SharedPass | None:
+        """Prepended prompts join a mixed batch (each block's (p, d_i) prompts, eval values); 'add'
+        prompts change every patch token and run their own pass."""
+        if self.location != "prepend":
+            return None
+        prompts = [self.block_prompts(i, 1) for i in range(num_blocks)]
+        return SharedPass([None if t is None else (t[0] if t.dim() == 3 else t).detach() for t in prompts],
+                          self.pool_mode)
 
     def prompt_outputs_needed(self, i: int, num_blocks: int) -> bool:
         """Deep prompts in every block, read through [CLS] or image tokens: block i's prompt outputs are

@@ -216,8 +216,18 @@ def test_load_task_over_http(server):
     assert "trained on backbone" in _error(client.post("/v1/tasks", json={"name": "o", "path": "other"}), 400)
     _error(client.post("/v1/tasks", json={"name": "x", "path": "../../etc"}), 403)
     _error(client.post("/v1/tasks", json={"path": "late"}), 422)
+    _error(client.post("/v1/tasks", json={"name": "../x", "path": "late"}), 422)
+    # a task named apart from its folder: gone after DELETE
+    assert client.post("/v1/tasks", json={"name": "late2", "path": "late"}).status_code == 201
+    assert _predict(client, "late2", _png()).status_code == 200
+    assert client.delete("/v1/tasks/late2").status_code == 200
+    assert "unknown task 'late2'" in _error(_predict(client, "late2", _png()), 404)
+    _error(client.delete("/v1/tasks/late2"), 404)
+    # a folder under the task root: DELETE unloads it, and its next request loads it again
     assert client.delete("/v1/tasks/late").status_code == 200
-    _error(_predict(client, "late", _png()), 404)
+    assert "late" not in {t["name"] for t in client.get("/v1/tasks").json()["tasks"]}
+    assert _predict(client, "late", _png()).status_code == 200
+    assert "late" in {t["name"] for t in client.get("/v1/tasks").json()["tasks"]}
 
 
 def test_cli_serve_subprocess(server, tmp_path):

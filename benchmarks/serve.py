@@ -258,6 +258,90 @@ def http_load(args: argparse.Namespace, root: Path, backbone) -> dict:
     }
 
 
+# --- fault mix (also run by tests/test_serve_faults.py) -------------------------------------------------
+FAULT_KINDS = {  # kind -> the status the server must answer
+    "ok": 200,
+    "unknown_task": 404,
+    "malformed_json": 422,
+    "empty_json": 422,
+    "empty_body": 422,  # an empty form: no file part
+    "not_multipart": 415,
+    "not_image": 415,
+    "garbage_png": 400,
+    "oversized": 413,
+    "bad_top_k": 422,
+}
+
+
+def fault_request(client, kind: str, task: str, max_upload: int, seed: int = 0):
+    """One request of the fault mix; returns the httpx response."""
+    url = f"/v1/tasks/{task}/predict"
+    png = ("x.png", png_bytes(seed, side=48), "image/png")
+    if kind == "ok":
+        return client.post(url, files={"file": png})
+    if kind == "unknown_task":
+        return client.post(f"/v1/tasks/no-such-task-{seed}/predict", files={"file": png})
+    if kind in ("malformed_json", "empty_json"):
+        body = b'{"name": "x", "path":' if kind == "malformed_json" else b""
+        return client.post("/v1/tasks", content=body, headers={"content-type": "application/json"})
+    if kind == "empty_body":
+        return client.post(url, content=b"", headers={"content-type": "multipart/form-data; boundary=x"})
+    if kind == "not_multipart":
+        return client.post(url, json={"file": "aGVsbG8="})
+    if kind == "not_image":
+        return client.post(url, files={"file": ("x.txt", b"hello world", "text/plain")})
+    if kind == "garbage_png":
+        return client.post(url, files={"file": ("x.png", os.urandom(2000), "image/png")})
+    if kind == "oversized":
+        return client.post(url, files={"file": ("x.png", os.urandom(max_upload + 70_000), "image/png")})
+    if kind == "bad_top_k":
+        return client.post(url, files={"file": png}, params={"top_k": "many"})
+    raise ValueError(kind)
+
+
+def fault_mix(client, tasks: list[str], max_upload: int, clients: int = 8, per_client: int = 20) -> dict:
+    """``clients`` concurrent clients, each sending ``per_client`` requests that cycle through
+    :data:`FAULT_KINDS`; returns counts of statuses, wrong answers, 5xx and transport errors."""
+    import httpx
+
+    kinds = list(FAULT_KINDS)
+
+    def one(i: int) -> tuple[str, int]:
+        kind = kinds[i % len(kinds)]
+        try:
+            return kind, fault_request(client, kind, tasks[i % len(tasks)], max_upload, seed=i).status_code
+        except httpx.HTTPError:
+            return kind, -1
+
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, range(clients * per_client)))
+    statuses: dict[str, int] = {}
+    for _, st in results:
+        statuses[str(st)] = statuses.get(str(st), 0) + 1
+    return {
+        "requests": len(results),
+        "statuses": statuses,
+        "wrong": [(k, st) for k, st in results if st != FAULT_KINDS[k]],
+        "server_errors": sum(1 for _, st in results if st >= 500),
+        "transport_errors": sum(1 for _, st in results if st < 0),
+    }
+
+
+def remove_while_queued(client, name: str, path: str, n: int = 8, delay_s: float = 0.05) -> list[int]:
+    """Load ``path`` as ``name``, send ``n`` concurrent predictions for it and unload it while they wait;
+    returns their statuses (each must be 200 or 404) followed by the DELETE's."""
+    r = client.post("/v1/tasks", json={"name": name, "path": path, "replace": True})
+    if r.status_code != 201:
+        raise RuntimeError(f"cannot load {path} as {name}: {r.text}")
+    with ThreadPoolExecutor(n + 1) as pool:
+        futs = [
+            pool.submit(fault_request, client, "ok", name, 0, seed=i) for i in range(n)
+        ]
+        time.sleep(delay_s)
+        deleted = pool.submit(client.delete, f"/v1/tasks/{name}")
+        return [f.result().status_code for f in futs] + [deleted.result().status_code]
+
+
 def _metric(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " "):

@@ -148,6 +148,14 @@ def test_task_json_is_checked_at_the_servers_boundary(backbone, tmp_path, change
     assert len(mt) == 0 and _sample(metrics, "vptune_task_loads_total", {"outcome": "failed"}) == 1
 
 
+def test_an_input_size_the_patches_do_not_divide_is_refused(backbone, tmp_path):
+    _save(backbone, tmp_path / "odd")
+    _edit_json(tmp_path / "odd", preprocessing__input_size=36)  # patch 8
+    store, _, _ = _store(backbone, tmp_path)
+    with pytest.raises(ApiError, match=r"input size 36 is not a multiple of the backbone's patch size \(8, 8\)"):
+        store.resolve("odd")
+
+
 def test_non_finite_weights_are_refused(backbone, tmp_path):
     from safetensors.torch import load_file, save_file
 

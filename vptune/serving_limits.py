@@ -168,11 +168,14 @@ def _check_int(value: Any, name: str, limit: int, where: str) -> None:
 
 
 def check_task_model(model: Any, cfg: ServeConfig, where: str) -> None:
-    """Refuse (:class:`ApiError` 422) a loaded task whose input size or class count exceeds the limits
-    or whose trained tensors are not all finite."""
+    """Refuse (:class:`ApiError` 422) a loaded task whose input size or class count exceeds the limits,
+    whose input size the backbone's patches do not divide, or whose trained tensors are not all finite."""
     size = int(model.preprocessing.input_size)
     if not 1 <= size <= cfg.max_input_size:
         raise ApiError(422, f"{where}: input size {size} is over this server's limit {cfg.max_input_size}")
+    patch = getattr(model.backbone, "patch_size", None)
+    if isinstance(patch, (tuple, list)) and any(size % int(p) for p in patch):
+        raise ApiError(422, f"{where}: input size {size} is not a multiple of the backbone's patch size {patch}")
     if not 1 <= int(model.num_classes) <= cfg.max_classes:
         raise ApiError(422, f"{where}: {model.num_classes} classes; this server accepts up to {cfg.max_classes}")
     import torch

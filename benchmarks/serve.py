@@ -452,7 +452,10 @@ def main() -> None:
     result = {"env": env, "throughput": rows, "http": http, "many_tasks": many, "task_cycle": TASK_CYCLE}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print_tables(args, rows, http, many)
 
+
+def print_tables(args: argparse.Namespace, rows: list[dict], http: dict | None, many: list[dict]) -> None:
     if rows:
         print(f"\n## Mixed batch vs each task separately (batch {args.batch}, {args.size}x{args.size})\n")
         print("| K tasks | max prompts | mixed (img/s) | separate (img/s) | speed-up |")

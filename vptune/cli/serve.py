@@ -24,6 +24,12 @@ def register(sub: Any) -> None:
         "(FastAPI + uvicorn). Needs the 'serve' extra.",
     )
     _backbone_args(p)
+    _serve_args(p)
+    p.set_defaults(func=cmd_serve)
+    _export_parser(sub)
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -72,8 +78,9 @@ def register(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     p.add_argument("--limit-concurrency", type=int, default=None, help="uvicorn: open connections before 503")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.set_defaults(func=cmd_serve)
 
+
+def _export_parser(sub: Any) -> None:
     e = sub.add_parser(
         "export",
         help="export the backbone and prompt tasks to ONNX",

@@ -3,9 +3,16 @@
 1. Throughput of one mixed batch over K = 1, 4, 16 tasks (``MultiTaskModel``: one shared backbone pass)
    against running each task's samples separately (one ``TunedModel`` call per task).
 2. Latency p50/p99 of the HTTP server (``vptune.serve``, in a child process) under a bounded load test
-   from this process over loopback, with the error count.
+   from this process over loopback, with the error count; then the fault mix against the same server
+   (malformed JSON, empty bodies, non-images, oversized uploads, unknown tasks, bad parameters from
+   concurrent clients, a task removed while requests for it are queued): wrong answers, 5xx, transport
+   errors, and whether it is healthy afterwards.
+3. Many tasks (issue 15): ``--many-tasks`` (200) task folders behind one backbone, a uniform random task
+   per request, all resident vs ``--max-resident`` (16) resident (least recently used, loaded on first
+   use from the task root): throughput, p99, loads and evictions.
 
     .venv/bin/python benchmarks/serve.py [--size 112] [--batch 32] [--requests 200] [--concurrency 8]
+        [--many-tasks 200 --max-resident 16] [--skip-throughput] [--skip-http]
 
 Backbone: ViT-Ti/16 -- the real Tiny-ImageNet checkpoint when ``VPTUNE_ASSETS`` is set, else random
 weights (timings do not depend on the values). Tasks are freshly initialised VPT-deep/VPT-shallow
@@ -134,15 +141,140 @@ def throughput(backbone, root: Path, size: int, batch: int, reps: int) -> list[d
 
 # --- HTTP load test -----------------------------------------------------------------------------------
 def child_server(args: argparse.Namespace) -> None:
+    """The server process: every task of ``--tasks-dir`` loaded at start, or (``--max-resident N``) the
+    folder as ``--task-root``, tasks loaded on first use and at most N resident."""
     from vptune.serve import ServeConfig, run_server
 
     torch.set_num_threads(args.threads)
     backbone, _ = make_backbone(args.size)
     mt = MultiTaskModel(backbone)
-    for d in sorted(Path(args.tasks_dir).iterdir()):
-        mt.add_task(d.name, d)
-    cfg = ServeConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms)
+    cfg = ServeConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                      max_upload_bytes=FAULT_MAX_UPLOAD, compute_workers=args.compute_workers)
+    if args.max_resident:
+        cfg.task_root, cfg.max_resident_tasks = args.tasks_dir, args.max_resident
+    else:
+        for d in sorted(Path(args.tasks_dir).iterdir()):
+            mt.add_task(d.name, d)
+        cfg.task_root = args.tasks_dir  # admin routes (the fault run's removal) need one
+        cfg.max_resident_tasks = max(64, len(mt))
     run_server(mt, cfg, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+class ChildServer:
+    """``benchmarks/serve.py --child-server`` in a subprocess on a free loopback port."""
+
+    def __init__(self, args: argparse.Namespace, tasks_dir: Path, max_resident: int = 0) -> None:
+        self.port = free_port()
+        cmd = [sys.executable, __file__, "--child-server", "--port", str(self.port), "--tasks-dir",
+               str(tasks_dir), "--size", str(args.size), "--threads", str(args.threads), "--max-batch-size",
+               str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms), "--max-resident",
+               str(max_resident), "--compute-workers", str(args.compute_workers)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        import httpx
+
+        self.client = httpx.Client(base_url=self.base, timeout=60)
+        deadline = time.time() + 180
+        while True:
+            try:
+                if self.client.get("/healthz").status_code == 200:
+                    return self.client
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"server did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        self.client.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def load_test(client, names: list[str], args: argparse.Namespace, seed: int = 0) -> dict:
+    """``args.requests`` predictions from ``args.concurrency`` clients, each for a task drawn uniformly
+    (seeded) from ``names``; latency percentiles, errors, and the server's mean batch size."""
+    import httpx
+
+    images = [png_bytes(i) for i in range(16)]
+    order = np.random.default_rng(seed).integers(0, len(names), args.requests)
+    stop_at = time.time() + args.max_seconds
+
+    def one(i: int) -> tuple[float, bool]:
+        if time.time() > stop_at:
+            return -1.0, True
+        t0 = time.perf_counter()
+        try:
+            r = client.post(f"/v1/tasks/{names[order[i]]}/predict",
+                            files={"file": ("x.png", images[i % len(images)], "image/png")})
+            ok = r.status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        return time.perf_counter() - t0, ok
+
+    before = client.get("/metrics").text
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        results = list(pool.map(one, range(args.requests)))
+    wall = time.perf_counter() - t0
+    metrics = client.get("/metrics").text
+    done = [(lat, ok) for lat, ok in results if lat >= 0]
+    lat = np.array([d[0] for d in done]) * 1000
+    bs = [_metric(metrics, n) - _metric(before, n) for n in ("vptune_batch_size_sum", "vptune_batch_size_count")]
+    return {
+        "tasks": len(names),
+        "requests": len(done),
+        "skipped_over_time": len(results) - len(done),
+        "concurrency": args.concurrency,
+        "errors": sum(1 for _, ok in done if not ok),
+        "wall_s": wall,
+        "req_per_s": len(done) / wall,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p90_ms": float(np.percentile(lat, 90)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "mean_batch_size": bs[0] / bs[1] if bs[1] else 0.0,
+        "max_batch_size": args.max_batch_size,
+        "max_wait_ms": args.max_wait_ms,
+        "task_loads": _metric(metrics, 'vptune_task_loads_total{outcome="loaded"}'),
+        "evictions": _metric(metrics, "vptune_task_evictions_total"),
+    }
+
+
+def http_load(args: argparse.Namespace, root: Path, backbone) -> dict:
+    """The load test over ``--http-tasks`` resident tasks, then the fault mix against the same server."""
+    tasks_dir = root / "http_tasks"
+    names = list(make_tasks(backbone, tasks_dir, args.http_tasks))
+    with ChildServer(args, tasks_dir) as client:
+        for n in names:  # warm-up: one request per task
+            client.post(f"/v1/tasks/{n}/predict", files={"file": ("x.png", png_bytes(0), "image/png")})
+        out = load_test(client, names, args)
+        faults = fault_mix(client, names, FAULT_MAX_UPLOAD, clients=args.concurrency, per_client=20)
+        faults["removal_statuses"] = remove_while_queued(client, "doomed", names[0], n=8)
+        faults["healthy_after"] = client.get("/healthz").status_code == 200
+    out["faults"] = {k: v for k, v in faults.items() if k != "wrong"} | {"wrong": len(faults["wrong"])}
+    return out
+
+
+def many_tasks(args: argparse.Namespace, root: Path, backbone) -> list[dict]:
+    """``--many-tasks`` task folders behind one backbone: all resident vs ``--max-resident`` resident
+    (LRU, loaded on first use), the same seeded uniform task draw."""
+    tasks_dir = root / "many_tasks"
+    names = list(make_tasks(backbone, tasks_dir, args.many_tasks))
+    rows = []
+    for resident in (0, args.max_resident):
+        with ChildServer(args, tasks_dir, max_resident=resident) as client:
+            client.post(f"/v1/tasks/{names[0]}/predict", files={"file": ("x.png", png_bytes(0), "image/png")})
+            row = load_test(client, names, args, seed=1)
+        row["resident"] = resident or len(names)
+        rows.append(row)
+        print(f"  {len(names)} tasks, {row['resident']} resident: {row['req_per_s']:.1f} req/s, "
+              f"p99 {row['p99_ms']:.0f} ms, {row['errors']} errors", flush=True)
+    return rows
 
 
 def free_port() -> int:
@@ -161,101 +293,89 @@ def png_bytes(seed: int, side: int = 160) -> bytes:
     return buf.getvalue()
 
 
-def http_load(args: argparse.Namespace, root: Path, backbone) -> dict:
+# --- fault mix (also run by tests/test_serve_faults.py) -------------------------------------------------
+FAULT_MAX_UPLOAD = 1024 * 1024  # the child server's upload limit
+FAULT_KINDS = {  # kind -> the status the server must answer
+    "ok": 200,
+    "unknown_task": 404,
+    "malformed_json": 422,
+    "empty_json": 422,
+    "empty_body": 422,  # an empty form: no file part
+    "not_multipart": 415,
+    "not_image": 415,
+    "garbage_png": 400,
+    "oversized": 413,
+    "bad_top_k": 422,
+}
+
+
+def fault_request(client, kind: str, task: str, max_upload: int, seed: int = 0):
+    """One request of the fault mix; returns the httpx response."""
+    url = f"/v1/tasks/{task}/predict"
+    png = ("x.png", png_bytes(seed, side=48), "image/png")
+    if kind == "ok":
+        return client.post(url, files={"file": png})
+    if kind == "unknown_task":
+        return client.post(f"/v1/tasks/no-such-task-{seed}/predict", files={"file": png})
+    if kind in ("malformed_json", "empty_json"):
+        body = b'{"name": "x", "path":' if kind == "malformed_json" else b""
+        return client.post("/v1/tasks", content=body, headers={"content-type": "application/json"})
+    if kind == "empty_body":
+        return client.post(url, content=b"", headers={"content-type": "multipart/form-data; boundary=x"})
+    if kind == "not_multipart":
+        return client.post(url, json={"file": "aGVsbG8="})
+    if kind == "not_image":
+        return client.post(url, files={"file": ("x.txt", b"hello world", "text/plain")})
+    if kind == "garbage_png":
+        return client.post(url, files={"file": ("x.png", os.urandom(2000), "image/png")})
+    if kind == "oversized":
+        return client.post(url, files={"file": ("x.png", os.urandom(max_upload + 70_000), "image/png")})
+    if kind == "bad_top_k":
+        return client.post(url, files={"file": png}, params={"top_k": "many"})
+    raise ValueError(kind)
+
+
+def fault_mix(client, tasks: list[str], max_upload: int, clients: int = 8, per_client: int = 20) -> dict:
+    """``clients`` concurrent clients, each sending ``per_client`` requests that cycle through
+    :data:`FAULT_KINDS`; returns counts of statuses, wrong answers, 5xx and transport errors."""
     import httpx
 
-    tasks_dir = root / "http_tasks"
-    dirs = make_tasks(backbone, tasks_dir, args.http_tasks)
-    port = free_port()
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child-server",
-        "--port",
-        str(port),
-        "--tasks-dir",
-        str(tasks_dir),
-        "--size",
-        str(args.size),
-        "--threads",
-        str(args.threads),
-        "--max-batch-size",
-        str(args.max_batch_size),
-        "--max-wait-ms",
-        str(args.max_wait_ms),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        with httpx.Client(base_url=base, timeout=60) as client:
-            while True:
-                try:
-                    if client.get("/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"server did not start: {proc.stderr.read() if proc.stderr else ''}")
-                time.sleep(0.2)
-            images = [png_bytes(i) for i in range(16)]
-            names = list(dirs)
-            for n in names:  # warm-up: one request per task
-                client.post(f"/v1/tasks/{n}/predict", files={"file": ("x.png", images[0], "image/png")})
+    kinds = list(FAULT_KINDS)
 
-            latencies: list[float] = []
-            errors = 0
-            stop_at = time.time() + args.max_seconds
-
-            def one(i: int) -> tuple[float, bool]:
-                if time.time() > stop_at:
-                    return -1.0, True
-                t0 = time.perf_counter()
-                try:
-                    r = client.post(
-                        f"/v1/tasks/{names[i % len(names)]}/predict",
-                        files={"file": ("x.png", images[i % len(images)], "image/png")},
-                    )
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                return time.perf_counter() - t0, ok
-
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                results = list(pool.map(one, range(args.requests)))
-            wall = time.perf_counter() - t0
-            skipped = sum(1 for lat, _ in results if lat < 0)
-            for lat, ok in results:
-                if lat < 0:
-                    continue
-                latencies.append(lat)
-                errors += 0 if ok else 1
-            metrics = client.get("/metrics").text
-    finally:
-        proc.terminate()
+    def one(i: int) -> tuple[str, int]:
+        kind = kinds[i % len(kinds)]
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    bs_sum = _metric(metrics, "vptune_batch_size_sum")
-    bs_count = _metric(metrics, "vptune_batch_size_count")
-    lat = np.array(latencies) * 1000
+            return kind, fault_request(client, kind, tasks[i % len(tasks)], max_upload, seed=i).status_code
+        except httpx.HTTPError:
+            return kind, -1
+
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, range(clients * per_client)))
+    statuses: dict[str, int] = {}
+    for _, st in results:
+        statuses[str(st)] = statuses.get(str(st), 0) + 1
     return {
-        "tasks": len(names),
-        "requests": len(latencies),
-        "skipped_over_time": skipped,
-        "concurrency": args.concurrency,
-        "errors": errors,
-        "wall_s": wall,
-        "req_per_s": len(latencies) / wall,
-        "p50_ms": float(np.percentile(lat, 50)),
-        "p90_ms": float(np.percentile(lat, 90)),
-        "p99_ms": float(np.percentile(lat, 99)),
-        "mean_batch_size": bs_sum / bs_count if bs_count else 0.0,
-        "max_batch_size": args.max_batch_size,
-        "max_wait_ms": args.max_wait_ms,
+        "requests": len(results),
+        "statuses": statuses,
+        "wrong": [(k, st) for k, st in results if st != FAULT_KINDS[k]],
+        "server_errors": sum(1 for _, st in results if st >= 500),
+        "transport_errors": sum(1 for _, st in results if st < 0),
     }
+
+
+def remove_while_queued(client, name: str, path: str, n: int = 8, delay_s: float = 0.05) -> list[int]:
+    """Load ``path`` as ``name``, send ``n`` concurrent predictions for it and unload it while they wait;
+    returns their statuses (each must be 200 or 404) followed by the DELETE's."""
+    r = client.post("/v1/tasks", json={"name": name, "path": path, "replace": True})
+    if r.status_code != 201:
+        raise RuntimeError(f"cannot load {path} as {name}: {r.text}")
+    with ThreadPoolExecutor(n + 1) as pool:
+        futs = [
+            pool.submit(fault_request, client, "ok", name, 0, seed=i) for i in range(n)
+        ]
+        time.sleep(delay_s)
+        deleted = pool.submit(client.delete, f"/v1/tasks/{name}")
+        return [f.result().status_code for f in futs] + [deleted.result().status_code]
 
 
 def _metric(text: str, name: str) -> float:
@@ -290,6 +410,11 @@ def main() -> None:
                     help="torch threads (default 1: on a shared 2-core machine 2 threads ran ~5x slower)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true", help="skip part 1 (in-process batches)")
+    ap.add_argument("--many-tasks", type=int, default=200,
+                    help="task folders for the many-task run (0: skip it)")
+    ap.add_argument("--max-resident", type=int, default=16, help="resident tasks in the many-task run")
+    ap.add_argument("--compute-workers", type=int, default=2)
     ap.add_argument("--child-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--tasks-dir", default="", help=argparse.SUPPRESS)
@@ -320,15 +445,21 @@ def main() -> None:
     print(f"backbone: {desc}, input {args.size}x{args.size}\n", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        rows = throughput(backbone, root, args.size, args.batch, args.reps)
+        rows = [] if args.skip_throughput else throughput(backbone, root, args.size, args.batch, args.reps)
         http = None if args.skip_http else http_load(args, root, backbone)
-    result = {"env": env, "throughput": rows, "http": http, "task_cycle": TASK_CYCLE}
+        many = many_tasks(args, root, backbone) if args.many_tasks and not args.skip_http else []
+    env["commit"] = _commit()
+    result = {"env": env, "throughput": rows, "http": http, "many_tasks": many, "task_cycle": TASK_CYCLE}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print_tables(args, rows, http, many)
 
-    print(f"\n## Mixed batch vs each task separately (batch {args.batch}, {args.size}x{args.size})\n")
-    print("| K tasks | max prompts | mixed (img/s) | separate (img/s) | speed-up |")
-    print("|---:|---:|---:|---:|---:|")
+
+def print_tables(args: argparse.Namespace, rows: list[dict], http: dict | None, many: list[dict]) -> None:
+    if rows:
+        print(f"\n## Mixed batch vs each task separately (batch {args.batch}, {args.size}x{args.size})\n")
+        print("| K tasks | max prompts | mixed (img/s) | separate (img/s) | speed-up |")
+        print("|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['K']} | {r['max_prompts']} | {r['mixed_img_per_s']:.1f} | {r['separate_img_per_s']:.1f} "
@@ -345,7 +476,27 @@ def main() -> None:
             f"| {http['requests']} | {http['errors']} | {http['req_per_s']:.1f} | {http['p50_ms']:.1f} | "
             f"{http['p90_ms']:.1f} | {http['p99_ms']:.1f} | {http['mean_batch_size']:.2f} |"
         )
+    if http:
+        f = http["faults"]
+        print(f"\nFault mix ({f['requests']} requests, {len(FAULT_KINDS)} kinds, {args.concurrency} clients): "
+              f"{f['wrong']} wrong answers, {f['server_errors']} 5xx, {f['transport_errors']} transport errors; "
+              f"removal while queued {f['removal_statuses']}; healthy after: {f['healthy_after']}")
+    if many:
+        print(f"\n## {args.many_tasks} task folders, uniform random task per request\n")
+        print("| resident | requests | errors | req/s | p50 (ms) | p99 (ms) | loads | evictions | mean batch |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in many:
+            print(f"| {r['resident']} | {r['requests']} | {r['errors']} | {r['req_per_s']:.1f} | {r['p50_ms']:.0f} | "
+                  f"{r['p99_ms']:.0f} | {r['task_loads']:.0f} | {r['evictions']:.0f} | {r['mean_batch_size']:.2f} |")
     print(f"\nresults: {args.out}")
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 if __name__ == "__main__":

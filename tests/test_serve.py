@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import threading
@@ -47,8 +48,6 @@ def _jpeg(seed: int = 1) -> bytes:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import uvicorn
-
     backbone = tiny_vit()
     root = tmp_path_factory.mktemp("serve_tasks")
     specs = {
@@ -77,12 +76,20 @@ def server(tmp_path_factory):
         max_pixels=1_000_000,
         task_root=str(root),
     )
-    app = create_app(mt, cfg)
+    with running(create_app(mt, cfg)) as client:
+        yield client, mt, root
+
+
+@contextlib.contextmanager
+def running(app, timeout: float = 30.0):
+    """Serve ``app`` with uvicorn on an ephemeral loopback port in a thread; yields an httpx client."""
+    import uvicorn
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -90,11 +97,13 @@ def server(tmp_path_factory):
         if time.time() > deadline or not thread.is_alive():
             pytest.fail("the test server did not start")
         time.sleep(0.05)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-        yield client, mt, root
-    srv.should_exit = True
-    thread.join(10)
-    sock.close()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=timeout) as client:
+            yield client
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 def _predict(client, task, data, ctype="image/png", field="file", **params):
@@ -216,8 +225,18 @@ def test_load_task_over_http(server):
     assert "trained on backbone" in _error(client.post("/v1/tasks", json={"name": "o", "path": "other"}), 400)
     _error(client.post("/v1/tasks", json={"name": "x", "path": "../../etc"}), 403)
     _error(client.post("/v1/tasks", json={"path": "late"}), 422)
+    _error(client.post("/v1/tasks", json={"name": "../x", "path": "late"}), 422)
+    # a task named apart from its folder: gone after DELETE
+    assert client.post("/v1/tasks", json={"name": "late2", "path": "late"}).status_code == 201
+    assert _predict(client, "late2", _png()).status_code == 200
+    assert client.delete("/v1/tasks/late2").status_code == 200
+    assert "unknown task 'late2'" in _error(_predict(client, "late2", _png()), 404)
+    _error(client.delete("/v1/tasks/late2"), 404)
+    # a folder under the task root: DELETE unloads it, and its next request loads it again
     assert client.delete("/v1/tasks/late").status_code == 200
-    _error(_predict(client, "late", _png()), 404)
+    assert "late" not in {t["name"] for t in client.get("/v1/tasks").json()["tasks"]}
+    assert _predict(client, "late", _png()).status_code == 200
+    assert "late" in {t["name"] for t in client.get("/v1/tasks").json()["tasks"]}
 
 
 def test_cli_serve_subprocess(server, tmp_path):

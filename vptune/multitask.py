@@ -29,11 +29,15 @@ counts); :func:`pad_logits` turns it into a padded ``(B, C_max)`` tensor (``-inf
 Padding costs compute: a shared pass is split by prompt length so that no sample's sequence grows by
 more than ``pad_tolerance`` (default 25%) through padding (``pad_tolerance=None``: always one pass).
 
-Thread-safe: ``add_task``/``remove_task`` may run while another thread calls ``forward``.
+Thread-safe: ``add_task``/``remove_task`` may run while other threads call ``forward``. The registry is
+an immutable snapshot swapped under a short lock; ``forward`` works on the snapshot it read (or on the
+:class:`TaskEntry` objects it is given), so no lock is held across a forward pass and a replaced task
+never mixes into a pass that started with the old one.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 from collections import OrderedDict
@@ -51,6 +55,7 @@ from vptune.methods.mixed import MixedPrompts
 from vptune.model import frozen_model
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_UIDS = itertools.count(1)  # TaskEntry.uid: never reused (prompt-table cache keys)
 
 
 @dataclass
@@ -65,6 +70,7 @@ class TaskEntry:
     prompts: list[Tensor | None] = field(default_factory=list)  # per block: (p, d_i) or None
     num_prompts: int = 0
     pool_mode: str | None = None
+    uid: int = field(default_factory=lambda: next(_UIDS))
 
     @property
     def num_classes(self) -> int:
@@ -111,7 +117,7 @@ class MultiTaskModel:
         backbone.fingerprint()  # pin the identity once (tasks are verified against it)
         self.backbone = backbone
         self.pad_tolerance = pad_tolerance
-        self._tasks: dict[str, TaskEntry] = {}
+        self._tasks: dict[str, TaskEntry] = {}  # never mutated: replaced whole under _lock
         self._lock = threading.RLock()
         self._tables: OrderedDict[tuple, tuple[list[Tensor | None], list[Tensor]]] = OrderedDict()
         self._table_cache = int(table_cache)
@@ -122,8 +128,15 @@ class MultiTaskModel:
     @property
     def tasks(self) -> dict[str, TaskEntry]:
         """A snapshot: task name -> :class:`TaskEntry`."""
-        with self._lock:
-            return dict(self._tasks)
+        return dict(self._tasks)
+
+    def task_names(self) -> list[str]:
+        """The registered task names, sorted."""
+        return sorted(self._tasks)
+
+    def get_task(self, name: str) -> TaskEntry | None:
+        """The registered :class:`TaskEntry` named ``name``, or None."""
+        return self._tasks.get(name)
 
     def __contains__(self, name: str) -> bool:
         return name in self._tasks
@@ -140,15 +153,24 @@ class MultiTaskModel:
         model = load_task(directory, self.backbone, check_backbone=True)  # VptuneError on a mismatch
         return self._register(name, str(directory), model, read_task_json(directory), replace)
 
-    def add_model(self, name: str, model: Any, *, replace: bool = False) -> TaskEntry:
-        """Register an in-memory TunedModel built on this backbone (tests, notebooks). Task folders
-        should go through :meth:`add_task`."""
+    def add_model(
+        self,
+        name: str,
+        model: Any,
+        *,
+        replace: bool = False,
+        directory: str = "<memory>",
+        meta: dict[str, Any] | None = None,
+    ) -> TaskEntry:
+        """Register an in-memory TunedModel built on this backbone (tests, notebooks, a server that
+        loads and checks task folders itself: ``directory`` and ``meta`` (its task.json) then describe
+        it). ``replace`` swaps an existing task atomically."""
         if model.backbone.fingerprint() != self.backbone.fingerprint() or (
             model.backbone is not self.backbone and not model.method.changes_backbone
         ):
             raise VptuneError(f"task {name!r} was built on another backbone")
         self._check_name(name, replace)
-        return self._register(name, "<memory>", model, {}, replace)
+        return self._register(name, directory, model, dict(meta or {}), replace)
 
     def _check_name(self, name: str, replace: bool) -> None:
         if not isinstance(name, str) or not TASK_NAME.match(name):
@@ -177,7 +199,7 @@ class MultiTaskModel:
             entry.pool_mode = spec.pool_mode
         with self._lock:
             self._check_name(name, replace)  # again: another thread may have added it meanwhile
-            self._tasks[name] = entry
+            self._tasks = {**self._tasks, name: entry}
             self._tables.clear()
         return entry
 
@@ -187,52 +209,57 @@ class MultiTaskModel:
                 raise VptuneError(
                     f"unknown task {name!r}; loaded tasks: {', '.join(sorted(self._tasks)) or '(none)'}"
                 )
-            del self._tasks[name]
+            self._tasks = {k: v for k, v in self._tasks.items() if k != name}
             self._tables.clear()
 
-    def task(self, name: str) -> TaskEntry:
-        entry = self._tasks.get(name)
+    def task(self, name: str, _tasks: dict[str, TaskEntry] | None = None) -> TaskEntry:
+        tasks = self._tasks if _tasks is None else _tasks
+        entry = tasks.get(name)
         if entry is None:
-            raise VptuneError(
-                f"unknown task {name!r}; loaded tasks: {', '.join(sorted(self._tasks)) or '(none)'}"
-            )
+            raise VptuneError(f"unknown task {name!r}; loaded tasks: {', '.join(sorted(tasks)) or '(none)'}")
         return entry
 
     # --- inference -----------------------------------------------------------------------------------
-    def __call__(self, images: Tensor | Sequence[Tensor], task_names: Sequence[str]) -> list[Tensor]:
+    def __call__(
+        self, images: Tensor | Sequence[Tensor], task_names: Sequence[str | TaskEntry]
+    ) -> list[Tensor]:
         return self.forward(images, task_names)
 
     @torch.no_grad()
-    def forward(self, images: Tensor | Sequence[Tensor], task_names: Sequence[str]) -> list[Tensor]:
-        """Per-sample logits, ``out[b]`` of shape ``(num_classes of task_names[b],)``, in input order."""
+    def forward(
+        self, images: Tensor | Sequence[Tensor], task_names: Sequence[str | TaskEntry]
+    ) -> list[Tensor]:
+        """Per-sample logits, ``out[b]`` of shape ``(num_classes of task_names[b],)``, in input order.
+        ``task_names[b]`` may also be a :class:`TaskEntry` (a server that resolved it earlier)."""
         if len(images) != len(task_names):
             raise VptuneError(f"{len(images)} images but {len(task_names)} task names")
-        with self._lock:
-            entries = [self.task(n) for n in task_names]
-            groups: dict[tuple, list[int]] = {}
-            for b, (img, e) in enumerate(zip(images, entries)):
-                if img.dim() != 3:
-                    raise VptuneError(f"image {b} must be (3, H, W), got shape {tuple(img.shape)}")
-                pass_key = "shared" if e.shared and self.mixes_prompts else e.name
-                if e.shared and not self.mixes_prompts and e.num_prompts == 0:
-                    pass_key = "plain"  # prompt-free tasks can always share a pass
-                groups.setdefault((pass_key, tuple(img.shape)), []).append(b)
-            out: list[Tensor | None] = [None] * len(entries)
-            device = next(self.backbone.parameters()).device
-            for (pass_key, shape), rows in groups.items():
-                if pass_key == "shared":
-                    n_tokens = (shape[1] // self.backbone.patch_size[0]) * (
-                        shape[2] // self.backbone.patch_size[1]
-                    )
-                    passes = self._buckets(rows, entries, n_tokens)
-                else:
-                    passes = [rows]
-                for rows_ in passes:
-                    x = _stack(images, rows_).to(device)
-                    sub = [entries[b] for b in rows_]
-                    logits = self._shared_pass(x, sub) if sub[0].shared else list(sub[0].model(x).unbind(0))
-                    for b, lg in zip(rows_, logits):
-                        out[b] = lg
+        snapshot = self._tasks  # no lock across the pass: the registry is swapped, never mutated
+        entries = [n if isinstance(n, TaskEntry) else self.task(n, snapshot) for n in task_names]
+        groups: dict[tuple, list[int]] = {}
+        for b, (img, e) in enumerate(zip(images, entries)):
+            if img.dim() != 3:
+                raise VptuneError(f"image {b} must be (3, H, W), got shape {tuple(img.shape)}")
+            pass_key = "shared" if e.shared and self.mixes_prompts else e.uid  # uid: a replaced task's
+            # old and new entries (both in one batch of a server) never share a pass
+            if e.shared and not self.mixes_prompts and e.num_prompts == 0:
+                pass_key = "plain"  # prompt-free tasks can always share a pass
+            groups.setdefault((pass_key, tuple(img.shape)), []).append(b)
+        out: list[Tensor | None] = [None] * len(entries)
+        device = next(self.backbone.parameters()).device
+        for (pass_key, shape), rows in groups.items():
+            if pass_key == "shared":
+                n_tokens = (shape[1] // self.backbone.patch_size[0]) * (
+                    shape[2] // self.backbone.patch_size[1]
+                )
+                passes = self._buckets(rows, entries, n_tokens)
+            else:
+                passes = [rows]
+            for rows_ in passes:
+                x = _stack(images, rows_).to(device)
+                sub = [entries[b] for b in rows_]
+                logits = self._shared_pass(x, sub) if sub[0].shared else list(sub[0].model(x).unbind(0))
+                for b, lg in zip(rows_, logits):
+                    out[b] = lg
         return out  # type: ignore[return-value]
 
     def _buckets(self, rows: list[int], entries: list[TaskEntry], n_tokens: int) -> list[list[int]]:
@@ -255,9 +282,9 @@ class MultiTaskModel:
     def _shared_pass(self, x: Tensor, entries: list[TaskEntry]) -> list[Tensor]:
         modes = sorted({e.pool_mode for e in entries}, key=str)
         feats = dict(zip(modes, self._runner.forward_features(x, self._hooks(x, entries, modes))))  # (B, d)
-        by_task: dict[str, list[int]] = {}
+        by_task: dict[int, list[int]] = {}
         for r, e in enumerate(entries):
-            by_task.setdefault(e.name, []).append(r)
+            by_task.setdefault(e.uid, []).append(r)
         out: list[Tensor | None] = [None] * len(entries)
         for rows in by_task.values():
             e = entries[rows[0]]
@@ -270,12 +297,12 @@ class MultiTaskModel:
     def _hooks(self, x: Tensor, entries: list[TaskEntry], modes: list[str | None]) -> MixedPrompts:
         """The mixed-batch hooks of one shared pass: every sample's task prompts, padded."""
         uniq: list[TaskEntry] = []
-        pos: dict[str, int] = {}
+        pos: dict[int, int] = {}
         for e in entries:
-            if e.name not in pos:
-                pos[e.name] = len(uniq)
+            if e.uid not in pos:
+                pos[e.uid] = len(uniq)
                 uniq.append(e)
-        tix = torch.tensor([pos[e.name] for e in entries], device=x.device)  # (B,)
+        tix = torch.tensor([pos[e.uid] for e in entries], device=x.device)  # (B,)
         P = max(e.num_prompts for e in uniq)
         tables, has = self._prompt_tables(uniq, P, x.device, x.dtype)
         plen = torch.tensor([e.num_prompts for e in uniq], device=x.device)[tix]  # (B,)
@@ -287,7 +314,7 @@ class MultiTaskModel:
     ) -> tuple[list[Tensor | None], list[Tensor]]:
         """Per block: a (T, P, d_i) table of the tasks' padded prompts (None when no task has any
         there) and a (T,) bool 'this task places prompts here'."""
-        key = (tuple(id(e) for e in uniq), P, str(device), dtype)
+        key = (tuple(e.uid for e in uniq), P, str(device), dtype)
         with self._lock:
             hit = self._tables.get(key)
             if hit is not None:

@@ -1,6 +1,8 @@
 """``vptune serve`` (HTTP service over many tasks on one backbone) and ``vptune export`` (ONNX).
 
 vptune serve --weights WEIGHTS_DIR --task dtd=tasks/dtd --task tasks/pets --port 8000
+vptune serve --weights WEIGHTS_DIR --task-root tasks/ --max-resident-tasks 16   # load on first use
+VPTUNE_API_TOKEN=... vptune serve --weights WEIGHTS_DIR --task-root tasks/ --host 0.0.0.0
 vptune export --format onnx --weights WEIGHTS_DIR --task tasks/dtd --task tasks/pets --out export/
 """
 
@@ -22,7 +24,23 @@ def register(sub: Any) -> None:
         "(FastAPI + uvicorn). Needs the 'serve' extra.",
     )
     _backbone_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    _serve_args(p)
+    p.set_defaults(func=cmd_serve)
+    _export_parser(sub)
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="bind address (default 127.0.0.1); any non-loopback address needs an API token",
+    )
+    p.add_argument(
+        "--token",
+        default=None,
+        help="API token clients send as 'Authorization: Bearer <token>' (default: $VPTUNE_API_TOKEN; "
+        "prefer the variable: arguments are visible to other users)",
+    )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=32, help="samples per backbone batch (default 32)")
     p.add_argument(
@@ -37,14 +55,32 @@ def register(sub: Any) -> None:
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image area (413)")
     p.add_argument("--top-k", type=int, default=5, help="default number of labels returned")
     p.add_argument(
-        "--task-root", default=None, help="POST /v1/tasks may only load folders under this directory"
+        "--task-root",
+        default=None,
+        help="folder of task folders, loaded on first use by folder name; POST /v1/tasks loads only "
+        "from here (off without it)",
     )
-    p.add_argument("--no-task-loading", action="store_true", help="disable POST/DELETE /v1/tasks")
+    p.add_argument("--max-resident-tasks", type=int, default=64, help="tasks kept loaded (LRU; default 64)")
+    p.add_argument(
+        "--max-resident-mb", type=float, default=4096.0, help="memory of the loaded tasks (LRU; default 4096)"
+    )
+    p.add_argument(
+        "--max-input-size", type=int, default=1024, help="largest task input side served (default 1024)"
+    )
+    p.add_argument(
+        "--compute-workers", type=int, default=2, help="batching threads (default 2: a slow batch "
+        "leaves the other serving)"
+    )
+    p.add_argument(
+        "--shutdown-timeout", type=float, default=5.0, help="SIGTERM: seconds in-flight requests get"
+    )
+    p.add_argument("--no-task-loading", action="store_true", help="disable the task admin routes")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     p.add_argument("--limit-concurrency", type=int, default=None, help="uvicorn: open connections before 503")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.set_defaults(func=cmd_serve)
 
+
+def _export_parser(sub: Any) -> None:
     e = sub.add_parser(
         "export",
         help="export the backbone and prompt tasks to ONNX",
@@ -147,7 +183,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     import torch
 
-    from vptune.serve import ServeConfig, run_server
+    from vptune.serve import ServeConfig, check_bind, resolve_token, run_server
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,12 +197,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_top_k=args.top_k,
         allow_task_loading=not args.no_task_loading,
         task_root=args.task_root,
+        max_input_size=args.max_input_size,
+        max_resident_tasks=args.max_resident_tasks,
+        max_resident_mb=args.max_resident_mb,
+        compute_workers=args.compute_workers,
+        token=resolve_token(args.token),
+        shutdown_timeout_s=args.shutdown_timeout,
     )
     cfg.validate()
+    check_bind(args.host, cfg)  # before loading anything
+    if args.task_root is not None and not Path(args.task_root).is_dir():
+        raise VptuneError(f"--task-root {args.task_root} is not a folder")
     mt = build_multitask(args)
     print(
         f"vptune serve: {len(mt)} task(s) on http://{args.host}:{args.port} "
-        f"({', '.join(sorted(mt.tasks)) or 'none yet'})",
+        f"({', '.join(mt.task_names()) or 'none yet'})"
+        + (f"; more load on first use from {args.task_root}" if args.task_root else ""),
         flush=True,
     )
     run_server(

@@ -25,6 +25,7 @@ TRAIN_FLAGS = {
     "epochs": "optim.epochs", "batch_size": "optim.batch_size", "lr": "optim.base_lr",
     "wd": "optim.weight_decay",
     "output": "output", "seed": "runtime.seed", "device": "runtime.device",
+    "skip_corrupt": "data.skip_corrupt",
 }
 
 
@@ -59,6 +60,8 @@ def _register_train(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete the run in --output and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (runtime.progress=false)")
+    p.add_argument("--skip-corrupt", action="store_true", default=None,
+                   help="drop unreadable images with a warning instead of failing (data.skip_corrupt)")
     p.add_argument("--json", metavar="OUT", help="also write the run summary to this JSON file")
     p.set_defaults(func=cmd_train)
 
@@ -136,10 +139,50 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
     return out + list(args.overrides)
 
 
+def check_config_file(path: str | None) -> None:
+    """A ``--config`` that is missing, a folder or not UTF-8 text gets one clear line."""
+    from vptune.errors import VptuneError
+
+    if path is None:
+        return
+    p = Path(path)
+    if not p.is_file():
+        raise VptuneError(f"config file {path} does not exist" if not p.exists()
+                          else f"config file {path} is not a file")
+    try:
+        p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise VptuneError(f"config file {path} is not a text (YAML) file") from None
+
+
+def preflight(cfg: Any) -> None:
+    """Checks before anything heavy is loaded: the weights path exists, ``--output`` is not a file, and
+    ``method.options`` / ``backbone.config`` values have their fields' types (converted in place, e.g.
+    ``"8"`` -> 8; ``num_tokens=abc`` is refused naming the key)."""
+    from vptune.checks import coerce_fields
+    from vptune.errors import VptuneError
+    from vptune.methods.base import parse_method_name
+
+    b = cfg.backbone
+    if b.weights is not None and not Path(b.weights).exists():
+        raise VptuneError(f"backbone weights {b.weights} do not exist (backbone.weights / --weights)")
+    if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
+        raise VptuneError(f"output {cfg.output} is a file, not a folder; choose another --output")
+    cls, _ = parse_method_name(cfg.method.name)
+    cfg.method.options = coerce_fields(cls.options_cls, cfg.method.options, "method.options")
+    if b.name is not None and b.config:
+        from vptune.backbones.registry import resolve
+
+        _, config = resolve(b.name)
+        b.config = coerce_fields(type(config), b.config, "backbone.config")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from vptune.engine import load_config, run_training
 
+    check_config_file(args.config)
     cfg = load_config(args.config, train_overrides(args))
+    preflight(cfg)
     _setup_logging()
     summary = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports (every process gets its summary)

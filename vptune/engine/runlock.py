@@ -22,9 +22,12 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vptune.errors import VptuneError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 LOCK_FILE = ".vptune.lock"
 
@@ -118,7 +121,7 @@ class RunLock:
             if self.created and not any(self.folder.iterdir()):
                 self.folder.rmdir()  # a run that failed before writing anything leaves no empty folder
 
-    def __enter__(self) -> RunLock:
+    def __enter__(self) -> Self:
         self.acquire()
         return self
 
@@ -152,7 +155,7 @@ class StopOnInterrupt:
             raise KeyboardInterrupt
         self.requested = True
 
-    def __enter__(self) -> StopOnInterrupt:
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
             self._active = True

@@ -102,7 +102,7 @@ def _register_predict(sub: Any) -> None:
                        description="Classify image files with a task; prints the top-k labels and "
                                    "probabilities.")
     p.add_argument("task", help="task folder or run folder")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, or folders (every image file in them, sorted)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--protocol", help="transform protocol vtab|fgvc (default: as trained)")
     _add_json_backbone_args(p, "write the predictions to this JSON file", cmd_predict)
@@ -236,17 +236,60 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise VptuneError(f"--top-k must be >= 1, got {args.top_k}")
+    paths = expand_image_args(args.images)
     model, meta = _load_model(args)
-    results = predict_files(model, args.images, k=args.top_k, protocol=args.protocol or task_protocol(meta),
-                            device=args.device)
+    errors = unreadable_images(paths)
+    good = [p for p in paths if p not in errors]
+    found = predict_files(model, good, k=args.top_k, protocol=args.protocol or task_protocol(meta),
+                          device=args.device) if good else []
+    by_path = {r["path"]: r for r in found}
+    results = [by_path[str(p)] if p not in errors else {"path": str(p), "error": errors[p]} for p in paths]
     for r in results:
+        if "error" in r:
+            print(f"{r['path']}: unreadable: {r['error']}")
+            continue
         tops = ", ".join(f"{t['label']} ({100 * t['prob']:.1f}%)" for t in r["top"])
         print(f"{r['path']}: {tops}")
     if args.json:
         from vptune.artifact import atomic_write_json
 
         atomic_write_json(Path(args.json), results)
+    if errors:
+        raise VptuneError(f"{len(errors)} of {len(paths)} image(s) could not be read (listed above)")
     return 0
+
+
+def expand_image_args(items: list[str]) -> list[str]:
+    """Image files as given, and for a folder every image file under it (sorted, hidden files skipped)."""
+    from vptune.data.readers import _images_under
+    from vptune.errors import VptuneError
+
+    out: list[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            found = _images_under(item)
+            if not found:
+                raise VptuneError(f"folder {item} holds no image files")
+            out.extend(found)
+        elif os.path.exists(item):
+            out.append(item)
+        else:
+            raise VptuneError(f"image {item} does not exist")
+    return out
+
+
+def unreadable_images(paths: list[str]) -> dict[str, str]:
+    """``{path: reason}`` of the files that do not decode (each is reported, the others still predicted)."""
+    from vptune.data import load_image
+    from vptune.errors import VptuneError
+
+    errors = {}
+    for p in paths:
+        try:
+            load_image(p)
+        except VptuneError as e:
+            errors[p] = str(e)
+    return errors
 
 
 def cmd_info(args: argparse.Namespace) -> int:

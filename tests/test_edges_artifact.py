@@ -190,3 +190,12 @@ def test_a_save_cut_short_at_any_call_leaves_the_old_task_or_the_new_one(tiny_vi
     assert "finished" in outcomes  # k large enough: the save completes
     if where == "os.replace":  # cut before the first rename: old; between the two: absent
         assert {"old", "absent", "new"} <= outcomes
+
+
+def test_the_server_path_gets_a_vptune_error_not_a_500(tiny_vit, task):
+    """The HTTP server answers VptuneError with 400; a KeyError/TypeError from task.json used to be a 500."""
+    from vptune.multitask import MultiTaskModel
+
+    edit(task, lambda m: m.update(num_classes="three"))
+    with pytest.raises(VptuneError, match="'num_classes' must be int"):
+        MultiTaskModel(tiny_vit).add_task("t", task)

@@ -10,7 +10,13 @@ Run folder ``<output>/``:
   order of epoch ``e`` depends only on ``(seed, e)``;
 - ``task/``: the finished task (``model.save_pretrained``);
 - ``result.json``: the summary, written last: the completion marker (a run whose folder holds the same
-  config and a ``result.json`` is done, and running it again returns the stored summary).
+  config and a ``result.json`` is done, and running it again returns the stored summary);
+- ``.vptune.lock``: held while a run writes (:mod:`vptune.engine.runlock`): a second run on the folder is
+  refused, naming the first; a lock left by a killed process is taken over.
+
+Ctrl-C (SIGINT) finishes the current step, writes a mid-epoch checkpoint and raises
+:class:`~vptune.engine.runlock.TrainingInterrupted`; ``resume=True`` replays the epoch's loader up to that step
+and restores the RNG state of the step boundary, so the resumed run equals an uninterrupted one.
 
 Validation runs every ``runtime.eval_every`` epochs and after the last; the test split is evaluated once, at
 the end, and never used to choose anything. A non-finite loss stops the run with a :class:`VptuneError`

@@ -191,7 +191,7 @@ def test_predict_a_folder_of_unlabeled_images(tmp_path, capsys):
                                                                             "sub/c.jpg")]
     assert lines[2].startswith(f"{folder / 'broken.png'}: unreadable: cannot read image")
     assert all(ln.split(": ")[1].split(" (")[0] in ("x", "y") for i, ln in enumerate(lines) if i != 2)
-    # (the last line: an earlier CLI test in this process may have left a log handler on an old stderr)
+    # (the last line: the backbone loading logs come first)
     assert code == 2 and err.strip().splitlines()[-1] == ("vptune: error: 1 of 4 image(s) could not be read "
                                                           "(listed above)")
     saved = json.loads((tmp_path / "p.json").read_text())

@@ -81,10 +81,15 @@ def _read_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise VptuneError(f"cannot read {str(path)!r}: corrupt or truncated checkpoint ({e})") from None
+        # torch words every weights_only failure "Weights only load failed"; only a forbidden global means
+        # a real pickle that was refused -- random bytes or a truncated file are just unreadable
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what = f" (it holds a pickled {found.group(1)})" if found else ""
+        if not found:
+            detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n", str(e) + "\n")
+            first = (detail.group(1) if detail else str(e).strip().split("\n")[0])[:200] or type(e).__name__
+            raise VptuneError(f"cannot read {str(path)!r}: corrupt, truncated or not a PyTorch checkpoint "
+                              f"({first})") from None
+        what = f" (it holds a pickled {found.group(1)})"
         raise VptuneError(
             f"refusing to unpickle {str(path)!r}{what}: vptune loads .pth files with weights_only=True only, "
             "since unpickling can run arbitrary code. If you trust the file, re-save just its tensors, e.g. "

@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"vptune: error: no such file or folder: {e.filename or e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("vptune: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a training run stopped by Ctrl-C says where its checkpoint is
+        print(f"vptune: {e}" if str(e) else "vptune: interrupted", file=sys.stderr)
         return 130
 
 

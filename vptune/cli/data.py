@@ -12,8 +12,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
-    v = dsub.add_parser("vtab1k", help="draw VTAB-1k splits from a class folder")
-    v.add_argument("src", help="class folder (<class>/<image>, or train/ and test/ class folders)")
+    v = dsub.add_parser("vtab1k", help="draw VTAB-1k splits from a class folder, an npz or a HF datasets folder")
+    v.add_argument("src", help="class folder (<class>/<image>, or train/ and test/ class folders), an .npz "
+                               "(x_<split>/y_<split> or MedMNIST's <split>_images/<split>_labels) or a "
+                               "Hugging Face save_to_disk folder")
     v.add_argument("--out", required=True, help="output folder; the task goes to OUT/TASK_NAME")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--test-cap", type=int, default=None, help="keep at most this many test images")
@@ -59,7 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _vtab1k(a: argparse.Namespace) -> int:
     from vptune.data.vtab import vtab1k_from_class_folder
+    from vptune.data.vtab_arrays import is_array_dataset, vtab1k_from_dataset
 
+    if is_array_dataset(a.src):
+        path = vtab1k_from_dataset(a.src, a.out, a.seed, a.test_cap, a.task_name, a.train, a.val, a.force)
+        print(f"wrote {path}")
+        return 0
     path = vtab1k_from_class_folder(a.src, a.out, a.seed, a.test_cap, a.task_name, a.train, a.val, a.mode,
                                     a.force)
     print(f"wrote {path}")

@@ -25,6 +25,7 @@ TRAIN_FLAGS = {
     "epochs": "optim.epochs", "batch_size": "optim.batch_size", "lr": "optim.base_lr",
     "wd": "optim.weight_decay",
     "output": "output", "seed": "runtime.seed", "device": "runtime.device", "recipe": "recipe",
+    "skip_corrupt": "data.skip_corrupt",
 }
 
 
@@ -61,6 +62,8 @@ def _register_train(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete the run in --output and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (runtime.progress=false)")
+    p.add_argument("--skip-corrupt", action="store_true", default=None,
+                   help="drop unreadable images with a warning instead of failing (data.skip_corrupt)")
     p.add_argument("--json", metavar="OUT", help="also write the run summary to this JSON file")
     p.set_defaults(func=cmd_train)
 
@@ -101,7 +104,7 @@ def _register_predict(sub: Any) -> None:
                        description="Classify image files with a task; prints the top-k labels and "
                                    "probabilities.")
     p.add_argument("task", help="task folder or run folder")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, or folders (every image file in them, sorted)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--protocol", help="transform protocol vtab|fgvc (default: as trained)")
     _add_json_backbone_args(p, "write the predictions to this JSON file", cmd_predict)
@@ -118,10 +121,22 @@ def _register_info(sub: Any) -> None:
 
 # ------------------------------------------------------------------------------------------ handlers
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (not the one at setup: it may have been replaced since)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     log = logging.getLogger("vptune")
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
     if log.level == logging.NOTSET:
@@ -138,10 +153,50 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
     return out + list(args.overrides)
 
 
+def check_config_file(path: str | None) -> None:
+    """A ``--config`` that is missing, a folder or not UTF-8 text gets one clear line."""
+    from vptune.errors import VptuneError
+
+    if path is None:
+        return
+    p = Path(path)
+    if not p.is_file():
+        raise VptuneError(f"config file {path} does not exist" if not p.exists()
+                          else f"config file {path} is not a file")
+    try:
+        p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise VptuneError(f"config file {path} is not a text (YAML) file") from None
+
+
+def preflight(cfg: Any) -> None:
+    """Checks before anything heavy is loaded: the weights path exists, ``--output`` is not a file, and
+    ``method.options`` / ``backbone.config`` values have their fields' types (converted in place, e.g.
+    ``"8"`` -> 8; ``num_tokens=abc`` is refused naming the key)."""
+    from vptune.checks import coerce_fields
+    from vptune.errors import VptuneError
+    from vptune.methods.base import parse_method_name
+
+    b = cfg.backbone
+    if b.weights is not None and not Path(b.weights).exists():
+        raise VptuneError(f"backbone weights {b.weights} do not exist (backbone.weights / --weights)")
+    if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
+        raise VptuneError(f"output {cfg.output} is a file, not a folder; choose another --output")
+    cls, _ = parse_method_name(cfg.method.name)
+    cfg.method.options = coerce_fields(cls.options_cls, cfg.method.options, "method.options")
+    if b.name is not None and b.config:
+        from vptune.backbones.registry import resolve
+
+        _, config = resolve(b.name)
+        b.config = coerce_fields(type(config), b.config, "backbone.config")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from vptune.engine import load_config, run_training
 
+    check_config_file(args.config)
     cfg = load_config(args.config, train_overrides(args))
+    preflight(cfg)
     _setup_logging()
     summary = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports (every process gets its summary)
@@ -198,17 +253,60 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise VptuneError(f"--top-k must be >= 1, got {args.top_k}")
+    paths = expand_image_args(args.images)
     model, meta = _load_model(args)
-    results = predict_files(model, args.images, k=args.top_k, protocol=args.protocol or task_protocol(meta),
-                            device=args.device)
+    errors = unreadable_images(paths)
+    good = [p for p in paths if p not in errors]
+    found = predict_files(model, good, k=args.top_k, protocol=args.protocol or task_protocol(meta),
+                          device=args.device) if good else []
+    by_path = {r["path"]: r for r in found}
+    results = [by_path[str(p)] if p not in errors else {"path": str(p), "error": errors[p]} for p in paths]
     for r in results:
+        if "error" in r:
+            print(f"{r['path']}: unreadable: {r['error']}")
+            continue
         tops = ", ".join(f"{t['label']} ({100 * t['prob']:.1f}%)" for t in r["top"])
         print(f"{r['path']}: {tops}")
     if args.json:
         from vptune.artifact import atomic_write_json
 
         atomic_write_json(Path(args.json), results)
+    if errors:
+        raise VptuneError(f"{len(errors)} of {len(paths)} image(s) could not be read (listed above)")
     return 0
+
+
+def expand_image_args(items: list[str]) -> list[str]:
+    """Image files as given, and for a folder every image file under it (sorted, hidden files skipped)."""
+    from vptune.data.readers import _images_under
+    from vptune.errors import VptuneError
+
+    out: list[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            found = _images_under(item)
+            if not found:
+                raise VptuneError(f"folder {item} holds no image files")
+            out.extend(found)
+        elif os.path.exists(item):
+            out.append(item)
+        else:
+            raise VptuneError(f"image {item} does not exist")
+    return out
+
+
+def unreadable_images(paths: list[str]) -> dict[str, str]:
+    """``{path: reason}`` of the files that do not decode (each is reported, the others still predicted)."""
+    from vptune.data import load_image
+    from vptune.errors import VptuneError
+
+    errors = {}
+    for p in paths:
+        try:
+            load_image(p)
+        except VptuneError as e:
+            errors[p] = str(e)
+    return errors
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 
 from vptune.backbones.base import Preprocessing
 from vptune.data.dataset import ImageDataset, scan_unreadable
+from vptune.data.hf_disk import HfDiskReader, is_hf_disk_folder
 from vptune.data.readers import (
     FORMATS,
     ClassFolderReader,
@@ -54,7 +55,7 @@ class DataConfig:
     """Where a dataset lives and how to read it (see :func:`open_split`)."""
 
     root: str  # dataset folder (VTAB task folder, class folder, FGVC folder, TFRecord dir, idx/npz file...)
-    format: str = "auto"  # "auto" | "vtab" | "class-folder" | "fgvc" | "tfrecord" | "idx" | "npz"
+    format: str = "auto"  # "auto" | "vtab" | "class-folder" | "fgvc" | "tfrecord" | "idx" | "npz" | "hf-disk"
     protocol: str = "vtab"  # transform protocol: "vtab" | "fgvc"
     input_size: int | None = None  # None: the backbone's preprocessing.input_size
     num_workers: int = 2
@@ -80,6 +81,8 @@ def detect_format(root: str) -> str:
             return "idx"
         raise VptuneError(f"cannot tell the format of file {root}; give a folder, an .npz or an idx file")
     names = os.listdir(root)
+    if is_hf_disk_folder(root):
+        return "hf-disk"
     if any(n[:-4] in VTAB_SPLITS for n in names if n.endswith(".txt")):
         return "vtab"
     if any(n in ("train.json", "val.json", "test.json") for n in names):
@@ -94,7 +97,8 @@ def detect_format(root: str) -> str:
         return "class-folder"
     raise VptuneError(
         f"cannot tell the dataset format of {root}: found no VTAB split files (train800.txt ...), FGVC json "
-        "(train.json ...), TFRecord files, idx or npz files, or class sub-folders")
+        "(train.json ...), TFRecord files, idx or npz files, a Hugging Face save_to_disk folder "
+        "(dataset_dict.json), or class sub-folders")
 
 
 def open_reader(cfg: DataConfig) -> Reader:
@@ -112,6 +116,8 @@ def open_reader(cfg: DataConfig) -> Reader:
                                 cfg.tfrecord_label_divisor, cfg.tfrecord_split_specs)
     elif fmt == "idx":
         reader = IdxReader(cfg.root)
+    elif fmt == "hf-disk":
+        reader = HfDiskReader(cfg.root)
     else:
         reader = NpzReader(cfg.root)
     if cfg.num_classes and fmt != "tfrecord":

@@ -3,7 +3,8 @@
 Formats: ``vtab`` (``<task>/{train800,val200,train800val200,test}.txt``), ``class-folder`` (``<class>/<img>``,
 optionally under split folders such as ``train/`` and ``test/``), ``fgvc`` (``{train,val,test}.json``),
 ``tfrecord`` (TFDS-prepared ``<name>-<split>.tfrecord-XXXXX-of-YYYYY`` files), ``idx`` (MNIST-style) and
-``npz`` (image arrays). Labels are read without decoding a single image.
+``npz`` (image arrays, MedMNIST's layout included); ``hf-disk`` (Hugging Face ``save_to_disk`` folders) lives
+in :mod:`vptune.data.hf_disk`. Labels are read without decoding a single image.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from vptune.data.dataset import ArraySource, FileSource, Source, TFRecordSource
 from vptune.data.tasks import VTAB_SPLITS, VTAB_TASKS, canonical_task
-from vptune.data.tfrecord import parse_example, read_record, scan_records
+from vptune.data.tfrecord import DERIVED_LABELS, parse_example, read_record, scan_records
 from vptune.errors import VptuneError
 
-FORMATS = ("auto", "vtab", "class-folder", "fgvc", "tfrecord", "idx", "npz")
+FORMATS = ("auto", "vtab", "class-folder", "fgvc", "tfrecord", "idx", "npz", "hf-disk")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 TFRECORD_RE = re.compile(r"^(?P<name>.+)-(?P<split>[^-]+)\.tfrecord(?:-(?P<shard>\d+)-of-\d+)?$")
 IDX_RE = re.compile(r"^(?P<prefix>.+?)[-_.]images?[-_.]idx\d[-_.]ubyte(?:\.gz)?$")
@@ -381,8 +382,46 @@ def npz_member_source(path: str, member: str) -> ArraySource:
     return ArraySource(path, shape, dtype.str, mode="npz", member=member)
 
 
+def npz_split_members(keys: set[str]) -> dict[str, tuple[str, str]]:
+    """``{split: (images_key, labels_key)}`` of the paired members of one npz file: ``x_<split>``/
+    ``y_<split>`` (Keras style) and ``<split>_images``/``<split>_labels`` (MedMNIST: ``train_images``,
+    ``val_images``, ``test_images`` ...)."""
+    out = {}
+    for k in sorted(keys):
+        if k.startswith("x_") and "y_" + k[2:] in keys:
+            out[k[2:]] = (k, "y_" + k[2:])
+        elif k.endswith("_images") and k[:-7] + "_labels" in keys:
+            out[k[:-7]] = (k, k[:-7] + "_labels")
+    return out
+
+
+def npz_labels(z: Any, images: str, labels: str, where: str) -> list[int]:
+    """The class labels of one split: ``(N,)`` or ``(N, 1)`` integers, as many as the images."""
+    y = np.asarray(z[labels])
+    if y.ndim == 2 and y.shape[1] != 1:
+        raise VptuneError(f"{where}: {labels} has shape {y.shape}: multi-label data (one column per label) is "
+                          "not supported; vptune trains single-label classifiers ((N,) or (N, 1) labels)")
+    if y.ndim > 2 or (y.size and not np.issubdtype(y.dtype, np.integer)
+                      and not np.all(np.mod(y, 1) == 0)):
+        raise VptuneError(f"{where}: {labels} must hold integer class labels, shape (N,) or (N, 1)")
+    n = _npz_shape(z, images)[0]
+    if y.reshape(-1).shape[0] != n:
+        raise VptuneError(f"{where}: {images} has {n} images but {labels} has {y.reshape(-1).shape[0]} labels")
+    return [int(v) for v in y.reshape(-1)]
+
+
+def _npz_shape(z: Any, member: str) -> tuple[int, ...]:
+    """The shape of an npz member without loading it (read from its .npy header)."""
+    with z.zip.open(member + ".npy") as f:
+        version = np.lib.format.read_magic(f)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return tuple(header(f)[0])
+
+
 class NpzReader(Reader):
-    """``.npz`` arrays: ``x_<split>``/``y_<split>`` pairs, or ``images``/``labels`` in ``<split>.npz``."""
+    """``.npz`` arrays: ``x_<split>``/``y_<split>`` or ``<split>_images``/``<split>_labels`` pairs (MedMNIST's
+    layout, read as is: uint8 ``(N, H, W)`` or ``(N, H, W, 3)`` images, ``(N, 1)`` labels), or
+    ``images``/``labels`` in ``<split>.npz``."""
 
     format = "npz"
 
@@ -398,20 +437,20 @@ class NpzReader(Reader):
                     keys = set(z.files)
             except (OSError, ValueError, zipfile.BadZipFile) as e:
                 raise VptuneError(f"cannot read npz file {path}: {e}") from e
-            for k in sorted(keys):
-                if k.startswith("x_") and "y_" + k[2:] in keys:
-                    self._members[k[2:]] = (path, k, "y_" + k[2:])
+            for split, (xk, yk) in npz_split_members(keys).items():
+                self._members[split] = (path, xk, yk)
             for xi, yi in NPZ_PAIRS:
                 if xi in keys and yi in keys:
                     self._members[Path(path).stem] = (path, xi, yi)
                     break
         if not self._members:
-            raise VptuneError(f"no image arrays in {root}; expected x_<split>/y_<split> or images/labels members")
+            raise VptuneError(f"no image arrays in {root}; expected x_<split>/y_<split>, <split>_images/"
+                              "<split>_labels (MedMNIST) or images/labels members")
         self.splits = sorted(self._members, key=lambda s: (s != "train", s))
         self._labels = {}
-        for s, (path, _, yk) in self._members.items():
+        for s, (path, xk, yk) in self._members.items():
             with np.load(path) as z:
-                self._labels[s] = [int(v) for v in np.asarray(z[yk]).reshape(-1)]
+                self._labels[s] = npz_labels(z, xk, yk, path)
         self.num_classes = max(max(v, default=-1) for v in self._labels.values()) + 1
         self.class_names = self._default_names()
 
@@ -472,8 +511,11 @@ class TFRecordReader(Reader):
     Splits: the TFDS ones found (``train``, ``validation``, ``test`` ...), any slice spec such as
     ``train[:800]`` or ``train[:800]+validation[:200]``, and the VTAB-1k names mapped by ``split_specs``
     (default: ``train800 = train[:800]``, ``val200 = validation[:200]`` or ``train[800:1000]``).
-    Labels: integer feature ``label_key``, floor-divided by ``label_divisor`` (VTAB bins dSprites' 32
-    positions with 2 and its 40 orientations with 2.5).
+    Labels: integer feature ``label_key``, floor-divided by ``label_divisor``; or a label VTAB derives from
+    TFDS fields (:data:`~vptune.data.tfrecord.DERIVED_LABELS`): ``label_key`` ``clevr/count_all``,
+    ``clevr/closest_object_distance``, ``dsprites/label_x_position``, ``dsprites/label_orientation``, or the
+    VTAB task names ``clevr_count`` ... -- chosen automatically for a folder named after one of those tasks
+    when ``label_key`` is the default ``label``.
     """
 
     format = "tfrecord"
@@ -483,7 +525,13 @@ class TFRecordReader(Reader):
         super().__init__(root)
         if not os.path.isdir(root):
             raise VptuneError(f"TFRecord folder not found: {root}")
+        folder = os.path.basename(os.path.normpath(root)).lower().replace("-", "_")
+        if label_key == "label" and folder in DERIVED_LABELS:
+            label_key = folder  # e.g. a folder "clevr_count" holding TFDS clevr shards
         self.image_key, self.label_key, self.label_divisor = image_key, label_key, float(label_divisor)
+        self.derived = DERIVED_LABELS.get(label_key)
+        if self.derived is not None and not num_classes:
+            num_classes = self.derived[2]
         self._files: dict[str, list[str]] = {}
         for f in sorted(os.listdir(root)):
             m = TFRECORD_RE.match(f)
@@ -530,14 +578,22 @@ class TFRecordReader(Reader):
             for k, path in enumerate(files):
                 with open(path, "rb") as f:
                     for offset, length in scan_records(path):
-                        feats = parse_example(read_record(f, offset, length, name=path), [self.label_key])
-                        values = feats.get(self.label_key)
-                        if not values or not isinstance(values[0], int):
-                            raise VptuneError(f"{path}@{offset}: no integer feature {self.label_key!r}")
                         records.append((k, offset, length))
-                        labels.append(int(values[0] // self.label_divisor))
+                        labels.append(self._label(read_record(f, offset, length, name=path), f"{path}@{offset}"))
             self._index[split] = (records, labels)
         return self._index[split]
+
+    def _label(self, record: bytes, where: str) -> int:
+        if self.derived is not None:
+            keys, fn, _ = self.derived
+            try:
+                return int(fn(parse_example(record, keys)))
+            except VptuneError as e:
+                raise VptuneError(f"{where}: {e}") from None
+        values = parse_example(record, [self.label_key]).get(self.label_key)
+        if not values or not isinstance(values[0], int):
+            raise VptuneError(f"{where}: no integer feature {self.label_key!r}")
+        return int(values[0] // self.label_divisor)
 
     def finish(self) -> None:
         """Fill the class count (max label + 1) when no metadata gave it."""

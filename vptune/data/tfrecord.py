@@ -241,3 +241,53 @@ def encode_example(features: dict[str, Any]) -> bytes:
 def write_examples(path: str | os.PathLike, examples: Iterable[dict[str, Any]]) -> int:
     """Write ``examples`` (dicts, see :func:`encode_example`) as a TFRecord file."""
     return write_records(path, (encode_example(e) for e in examples))
+
+
+# ------------------------------------------------------------------------------------------------------
+# VTAB's labels derived from TFDS features (task_adaptation, Apache-2.0)
+# ------------------------------------------------------------------------------------------------------
+
+# google-research/task_adaptation, task_adaptation/data/clevr.py: ``_closest_object_preprocess_fn`` takes
+# ``dist = reduce_min(objects/pixel_coords[:, 2])`` (the depth coordinate of each object's pixel coords) and
+# ``label = reduce_max(where(thrs - dist < 0))`` with these thresholds: 6 classes.
+CLEVR_DIST_THRESHOLDS = (0.0, 8.0, 8.5, 9.0, 9.5, 10.0, 100.0)
+
+
+def clevr_count_all(feats: dict[str, FeatureValue]) -> int:
+    """VTAB ``clevr_count``: number of objects - 3 (scenes hold 3..10 objects -> 8 classes);
+    task_adaptation clevr.py ``_count_preprocess_fn``: ``tf.size(x["objects"]["size"]) - 3``."""
+    return len(feats.get("objects/size", [])) - 3
+
+
+def clevr_closest_object_distance(feats: dict[str, FeatureValue]) -> int:
+    """VTAB ``clevr_dist``: the bin of the smallest object depth (see :data:`CLEVR_DIST_THRESHOLDS`)."""
+    coords = list(feats.get("objects/pixel_coords", []))
+    if not coords or len(coords) % 3:
+        raise VptuneError("CLEVR record without objects/pixel_coords (3 values per object)")
+    dist = min(coords[2::3])
+    return max(i for i, t in enumerate(CLEVR_DIST_THRESHOLDS) if t - dist < 0)
+
+
+def _binned(key: str, factor: float) -> Any:
+    """task_adaptation dsprites.py: ``floordiv(value, num_original_classes / num_classes)``."""
+    def label(feats: dict[str, FeatureValue]) -> int:
+        values = feats.get(key)
+        if not values:
+            raise VptuneError(f"dSprites record without feature {key!r}")
+        return int(float(values[0]) // factor)
+    return label
+
+
+# name -> (TFDS feature keys to parse, label function, number of classes). TFDS flattens nested features
+# with "/" (``objects/size``); VTAB task names (vptune's folder names) map to the same derivations.
+DERIVED_LABELS: dict[str, tuple[tuple[str, ...], Any, int]] = {
+    "clevr/count_all": (("objects/size",), clevr_count_all, 8),
+    "clevr/closest_object_distance": (("objects/pixel_coords",), clevr_closest_object_distance, 6),
+    # 32 x positions / 16 classes = 2; 40 orientations / 16 classes = 2.5 (VTAB-1k uses 16 classes for both)
+    "dsprites/label_x_position": (("label_x_position",), _binned("label_x_position", 32 / 16), 16),
+    "dsprites/label_orientation": (("label_orientation",), _binned("label_orientation", 40 / 16), 16),
+}
+DERIVED_LABELS["clevr_count"] = DERIVED_LABELS["clevr/count_all"]
+DERIVED_LABELS["clevr_dist"] = DERIVED_LABELS["clevr/closest_object_distance"]
+DERIVED_LABELS["dsprites_loc"] = DERIVED_LABELS["dsprites/label_x_position"]
+DERIVED_LABELS["dsprites_ori"] = DERIVED_LABELS["dsprites/label_orientation"]

@@ -247,6 +247,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise VptuneError(f"optim.grad_clip must be > 0 or null, got {o.grad_clip}")
     if r.max_steps is not None and r.max_steps < 1:
         raise VptuneError(f"runtime.max_steps must be >= 1 or null, got {r.max_steps}")
+    if not 0 <= r.seed < 2**32:  # the data order seeds a generator with seed * 1_000_003 + epoch
+        raise VptuneError(f"runtime.seed must be an integer in 0..{2**32 - 1}, got {r.seed}")
     if not 0.0 < cfg.data.fraction <= 1.0:
         raise VptuneError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")
 

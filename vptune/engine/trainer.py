@@ -10,7 +10,13 @@ Run folder ``<output>/``:
   order of epoch ``e`` depends only on ``(seed, e)``;
 - ``task/``: the finished task (``model.save_pretrained``);
 - ``result.json``: the summary, written last: the completion marker (a run whose folder holds the same
-  config and a ``result.json`` is done, and running it again returns the stored summary).
+  config and a ``result.json`` is done, and running it again returns the stored summary);
+- ``.vptune.lock``: held while a run writes (:mod:`vptune.engine.runlock`): a second run on the folder is
+  refused, naming the first; a lock left by a killed process is taken over.
+
+Ctrl-C (SIGINT) finishes the current step, writes a mid-epoch checkpoint and raises
+:class:`~vptune.engine.runlock.TrainingInterrupted`; ``resume=True`` replays the epoch's loader up to that step
+and restores the RNG state of the step boundary, so the resumed run equals an uninterrupted one.
 
 Validation runs every ``runtime.eval_every`` epochs and after the last; the test split is evaluated once, at
 the end, and never used to choose anything. A non-finite or exploding loss ends the run as diverged
@@ -21,6 +27,7 @@ a crash, which a sweep lists and never selects.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import math
@@ -57,6 +64,7 @@ from vptune.engine.evaluate import (
     resolve_precision,
 )
 from vptune.engine.optim import build_optimizer, build_scheduler, resolve_optimizer_name, scaled_lr
+from vptune.engine.runlock import RunLock, StopOnInterrupt, TrainingInterrupted
 from vptune.errors import VptuneError
 
 logger = logging.getLogger("vptune")
@@ -91,13 +99,14 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = Fa
             return run_parallel(cfg, resume=resume, overwrite=overwrite, datasets=datasets, backbone=backbone,
                                 num_classes=num_classes, label_names=label_names)
     out = Path(cfg.output)
-    stored = prepare_output(out, cfg, resume=resume, overwrite=overwrite)
-    if stored is not None:
-        logger.info("%s already holds a finished run of this config: returning its result", out)
-        return stored
-    trainer = build_trainer(cfg, resolve_device(cfg.runtime.device), datasets=datasets, backbone=backbone,
-                            num_classes=num_classes, label_names=label_names)
-    return trainer.run(resume=resume)
+    with RunLock(out):  # one writer per run folder (a second run on it is refused, naming the first)
+        stored = prepare_output(out, cfg, resume=resume, overwrite=overwrite)
+        if stored is not None:
+            logger.info("%s already holds a finished run of this config: returning its result", out)
+            return stored
+        trainer = build_trainer(cfg, resolve_device(cfg.runtime.device), datasets=datasets, backbone=backbone,
+                                num_classes=num_classes, label_names=label_names)
+        return trainer.run(resume=resume)
 
 
 def build_trainer(cfg: TrainConfig, device: torch.device, *, datasets: dict[str, Dataset] | None = None,
@@ -269,6 +278,8 @@ class Trainer:
     :meth:`step_stats` and :meth:`evaluate`."""
 
     is_main = True
+    _stop: StopOnInterrupt | None = None
+    _skip = 0  # batches of the current epoch done before a mid-epoch checkpoint (resume skips them)
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, splits: dict[str, Dataset],
                  device: torch.device, out: Path) -> None:
@@ -308,7 +319,8 @@ class Trainer:
             self.writer = open_tensorboard(self.out / TB_DIR, purge_step=self.step + 1 if self.step else None)
         try:
             try:
-                completed = self.fit(t0)
+                with StopOnInterrupt() as self._stop:  # Ctrl-C: stop at a step boundary with a checkpoint
+                    completed = self.fit(t0)
             except Diverged as d:
                 return self.finish_diverged(t0, d)
             return self.finish(t0, completed)
@@ -319,6 +331,7 @@ class Trainer:
     def fit(self, t0: float) -> bool:
         """Train epochs ``self.epoch + 1 ..``; False when ``runtime.max_steps`` stopped the run early."""
         epochs, max_steps = self.cfg.optim.epochs, self.cfg.runtime.max_steps
+        self._t0 = t0
         logger.info("training %s on %d images for %d epochs (%d steps each), %s, lr %.4g, %s",
                     self.model.method_name, len(self.train_ds), epochs, self.steps_per_epoch,
                     resolve_optimizer_name(self.cfg.optim, self.model), scaled_lr(self.cfg.optim, self.model),
@@ -347,15 +360,25 @@ class Trainer:
         bar = progress_bar(self.steps_per_epoch, f"epoch {epoch}/{self.cfg.optim.epochs}",
                            self.cfg.runtime.progress)
         max_steps = self.cfg.runtime.max_steps
+        batches, done = iter(loader), self._skip
+        if done:  # resuming mid-epoch: replay the loader to where the checkpoint was written
+            loss_sum, correct, n = self._partial
+            for _ in itertools.islice(batches, done):
+                pass
+            restore_rng(self._resume_rng)  # the RNG state of the step boundary, after the replay's draws
+            self._skip = 0
+            bar.update(done)
         try:
-            for images, labels in loader:
+            for images, labels in batches:
                 if max_steps is not None and self.step >= max_steps:
                     return None
                 loss, hits, count = self.train_step(images, torch.as_tensor(labels), epoch)
-                loss_sum, correct, n = loss_sum + loss * count, correct + hits, n + count
+                loss_sum, correct, n, done = loss_sum + loss * count, correct + hits, n + count, done + 1
                 bar.update(1)
                 lr = self.scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", refresh=False)
+                if self._stop is not None and self._stop.requested:
+                    raise self.interrupted(epoch, done, (loss_sum, correct, n))
         finally:
             bar.close()
         return {"train_loss": loss_sum / max(n, 1), "train_acc": 100.0 * correct / max(n, 1)}
@@ -463,12 +486,22 @@ class Trainer:
         logger.info("epoch %d/%d: loss %.4f, train acc %.2f%%%s", self.epoch, self.cfg.optim.epochs,
                     stats["train_loss"], stats["train_acc"], shown)
 
-    def save(self, t0: float) -> None:
+    def interrupted(self, epoch: int, done: int, partial: tuple[float, int, int]) -> TrainingInterrupted:
+        """Write a mid-epoch checkpoint (``done`` steps into ``epoch``) and say how to resume."""
+        self.save(self._t0, epoch_step=done, partial=partial)
+        return TrainingInterrupted(
+            f"interrupted at epoch {epoch}, step {self.step}: checkpoint written to {self.out / CHECKPOINT}; "
+            "continue with the same command plus --resume (vptune train ... --resume)")
+
+    def save(self, t0: float, epoch_step: int = 0, partial: tuple[float, int, int] | None = None) -> None:
         if not self.is_main:
             return
         extra = {"wall_s": self.prior_wall + time.time() - t0, "first_loss": self.first_loss,
                  "last_val_epoch": self.last_val[0] if self.last_val else 0,
                  "config": config_to_dict(self.cfg)}
+        if epoch_step:  # a mid-epoch checkpoint (SIGINT): resume replays the epoch's first batches
+            extra.update(epoch_step=int(epoch_step), partial=[float(partial[0]), int(partial[1]),
+                                                              int(partial[2])])
         save_checkpoint(self.out / CHECKPOINT, model_state=self.model.trained_state_dict(),
                         optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                         epoch=self.epoch, step=self.step,
@@ -489,6 +522,10 @@ class Trainer:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.prior_wall = float(state.get("extra", {}).get("wall_s", 0.0))
         self.first_loss = state.get("extra", {}).get("first_loss")
+        self._skip = int(state.get("extra", {}).get("epoch_step", 0))
+        if self._skip:
+            loss_sum, correct, n = state["extra"]["partial"]
+            self._partial, self._resume_rng = (float(loss_sum), int(correct), int(n)), state["rng"]
         if self.is_main:
             truncate_metrics(self.out / METRICS_FILE, self.epoch)
         restore_rng(state["rng"])
@@ -516,9 +553,8 @@ class Trainer:
         if not self.is_main:
             return summary
         task_summary = {**summary, "val": brief(val), "test": brief(test)}
-        self.model.save_pretrained(self.out / TASK_DIR, training=task_summary)
+        self.model.save_pretrained(self.out / TASK_DIR, training=task_summary)  # stored_bytes filled in there
         summary["stored_bytes"] = (self.out / TASK_DIR / WEIGHTS).stat().st_size
-        stamp_task_summary(self.out / TASK_DIR, summary["stored_bytes"])
         atomic_write_json(self.out / RESULT_FILE, summary)
         self._log_final(summary)
         return summary

@@ -213,3 +213,13 @@ def test_every_method_learns_with_no_lr_given(method, tmp_path):
     summary = run_training(cfg, datasets=data, backbone=tiny_backbone())
     losses = [json.loads(x)["train_loss"] for x in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
     assert summary["status"] == "done" and losses[-1] < 0.9 * losses[0], losses
+
+
+def test_task_with_an_unknown_head_norm_is_refused(tmp_path):
+    bb = tiny_backbone()
+    create_model(bb, "linear", 3).save_pretrained(tmp_path / "t")
+    meta = json.loads((tmp_path / "t" / "task.json").read_text())
+    meta["head_norm"] = "layernorm"
+    (tmp_path / "t" / "task.json").write_text(json.dumps(meta))
+    with pytest.raises(VptuneError, match="head_norm must be one of none, batchnorm"):
+        TunedModel.from_pretrained(tmp_path / "t", backbone=bb)

@@ -29,6 +29,7 @@ from safetensors.torch import load, save
 from vptune.backbones.base import Backbone, Preprocessing
 from vptune.errors import VptuneError
 from vptune.io import atomic_write_bytes, atomic_write_json, check_format_stamp
+from vptune.methods.base import HEAD_NORMS
 from vptune.model import TunedModel, create_model, register_persistence
 from vptune.version import __version__
 
@@ -195,6 +196,8 @@ def validate_task_meta(meta: dict[str, Any], where: str) -> None:
         raise VptuneError(f"{where}: label_names must be a list of {meta['num_classes']} names or null")
     if not isinstance(meta.get("backbone", {}), dict):
         raise VptuneError(f"{where}: 'backbone' must be a mapping")
+    if meta.get("head_norm", "none") not in HEAD_NORMS:
+        raise VptuneError(f"{where}: head_norm must be one of {', '.join(HEAD_NORMS)}, got {meta['head_norm']!r}")
     _check_preprocessing(meta["preprocessing"], where)
 
 

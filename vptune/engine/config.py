@@ -86,7 +86,8 @@ class OptimCfg:
     lr_scale: per-group factors on the peak lr ({prompts: 2.0, head: 0.5}; groups per method).
     schedule: step = linear warmup from lr * warmup_start_factor, then cosine to min_lr, every iteration;
     epoch = the reference code's staircase (stepped once per epoch, warmup from 0).
-    divergence_factor: a loss above this times max(ln(classes), first loss) ends the run as diverged."""
+    divergence_factor: a loss whose moving average exceeds this times max(ln(classes), first loss)
+    ends the run as diverged (0: only a non-finite loss does)."""
 
     optimizer: str = "auto"
     base_lr: float | None = None
@@ -102,7 +103,7 @@ class OptimCfg:
     min_lr: float = 0.0
     grad_clip: float | None = None
     label_smoothing: float = 0.0
-    divergence_factor: float = 10.0
+    divergence_factor: float = 20.0
 
 
 @dataclass

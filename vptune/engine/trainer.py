@@ -300,6 +300,7 @@ class Trainer:
         self.epoch, self.step, self.prior_wall = 0, 0, 0.0
         self.last_val: tuple[int, dict[str, Any]] | None = None
         self.first_loss: float | None = None  # the divergence check's reference (see check_divergence)
+        self.loss_ema: float | None = None
         self.writer = None
 
     # --- the whole run ----------------------------------------------------------------------------
@@ -439,17 +440,20 @@ class Trainer:
                               f"(labels must be 0..{k - 1})")
 
     def check_divergence(self, value: float, epoch: int) -> None:
-        """Raise :class:`Diverged` when the step's loss is not finite or exceeds ``divergence_factor`` x
-        max(ln(classes), the run's first loss): a loss that far above chance and above its start means
-        the lr is past the edge (the paper's grid reaches base lr 50, so some grid points do this)."""
+        """Raise :class:`Diverged` when a step's loss is not finite, or when the loss's moving average
+        (0.9 decay, so a single spike that the run recovers from does not count) exceeds
+        ``divergence_factor`` x max(ln(classes), the run's first loss): that far above chance and above
+        its start, the lr is past the edge (the paper's grid reaches base lr 50, so some grid points do)."""
         if self.first_loss is None and math.isfinite(value):
             self.first_loss = value
+        self.loss_ema = value if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * value
         factor = self.cfg.optim.divergence_factor
         limit = factor * max(math.log(max(self.model.num_classes, 2)), self.first_loss or 0.0)
-        if math.isfinite(value) and (factor == 0 or value <= limit):
+        if math.isfinite(value) and (factor == 0 or self.loss_ema <= limit):
             return
         lr = self.scheduler.get_last_lr()[0]
-        what = f"became {value}" if not math.isfinite(value) else f"reached {value:.4g} (limit {limit:.4g})"
+        what = (f"became {value}" if not math.isfinite(value)
+                else f"averaged {self.loss_ema:.4g} (limit {limit:.4g})")
         raise Diverged(f"training diverged: the loss {what} at epoch {epoch}, step {self.step + 1} (lr "
                        f"{lr:.4g}); try a lower optim.base_lr or optim.grad_clip")
 

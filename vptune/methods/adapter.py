@@ -58,6 +58,8 @@ class Adapter(Method):
     options_cls = AdapterOptions
     optimizer = "adamw"
     paper_optimizer = "adamw"
+    default_lr: ClassVar[dict[str, float]] = {"adamw": 1e-3, "sgd": 0.01}
+    lr_grid: ClassVar[dict[str, tuple[float, ...]]] = {"adamw": (3e-4, 1e-3), "sgd": (0.003, 0.01)}
     lr_groups: ClassVar[dict[str, tuple[str, ...]]] = {"adapters": (r"^method\.",)}
 
     def __init__(self, backbone: Backbone, options: AdapterOptions) -> None:

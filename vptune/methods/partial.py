@@ -26,6 +26,8 @@ class Partial(Method):
     suffix_option = "k"
     optimizer = "adamw"
     paper_optimizer = "adamw"
+    default_lr: ClassVar[dict[str, float]] = {"adamw": 1e-4, "sgd": 1e-3}  # recipe study
+    lr_grid: ClassVar[dict[str, tuple[float, ...]]] = {"adamw": (3e-5, 1e-4), "sgd": (1e-4, 1e-3)}
     lr_groups: ClassVar[dict[str, tuple[str, ...]]] = {"backbone": (r"^backbone\.",)}
 
     def __init__(self, backbone: Backbone, options: PartialOptions) -> None:

@@ -58,6 +58,8 @@ class _VPT(Method):
     options_cls = VPTOptions
     optimizer = "adamw"
     paper_optimizer = "sgd"
+    default_lr: ClassVar[dict[str, float]] = {"adamw": 1e-2, "sgd": 0.02}  # recipe study
+    lr_grid: ClassVar[dict[str, tuple[float, ...]]] = {"adamw": (3e-3, 1e-2), "sgd": (0.005, 0.02)}
     lr_groups: ClassVar[dict[str, tuple[str, ...]]] = {"prompts": (r"^method\.prompts\.", r"^method\.project\.")}
     sweep_axes = ("num_tokens",)  # the paper's prompt-length search (Sec. 4.1)
     deep: bool = False

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from vptune.engine.config import config_diff, config_from_dict
+from vptune.engine.runfolder import clear_run, read_run_config
 from vptune.engine.sweep_plan import Run, run_state
-from vptune.engine.trainer import build_backbone, clear_run, read_run_config, run_training
+from vptune.engine.trainer import build_backbone, run_training
 
 
 @dataclass

@@ -37,8 +37,8 @@ from typing import Any
 
 from vptune.engine.config import config_diff, config_from_dict, config_to_dict, validate_config
 from vptune.engine.features import is_head_only, one_pass_eligible
+from vptune.engine.runfolder import CONFIG_FILE, read_result
 from vptune.engine.sweep_spec import MethodSpec, SweepSpec, TaskSpec, _deep_merge
-from vptune.engine.trainer import CONFIG_FILE, read_result
 from vptune.errors import VptuneError
 
 SELECTION_FILE = "selection.json"

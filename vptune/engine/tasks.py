@@ -149,7 +149,7 @@ def describe_task(path: Path) -> dict[str, Any]:
 
 
 def describe_run(path: Path) -> dict[str, Any]:
-    from vptune.engine.trainer import read_result, read_run_config
+    from vptune.engine.runfolder import read_result, read_run_config
 
     result, config = read_result(path), read_run_config(path) or {}
     planned = config.get("optim", {}).get("epochs")

@@ -2,8 +2,8 @@
 
 The protocol (VPT paper Sec. 4.1; REFERENCE.md "Training recipe", VTAB-1k protocol):
 
-1. **Grid.** Every setting of the grid axes -- base lr x weight decay, optionally prompt length (the method
-   option ``num_tokens``) and data fraction (the paper's data-scale study) -- trains on ``train800`` and
+1. **Grid.** Every setting of the grid axes -- base lr x weight decay, optionally the method's declared sweep axes (VPT: prompt
+   length ``num_tokens``) and data fraction (the paper's data-scale study) -- trains on ``train800`` and
    is scored on ``val200`` at its last epoch. Grid runs never open the test split.
 2. **Selection** (:func:`select_best`), per task, method and fraction: the highest val top-1. Ties (equal
    when rounded to 6 decimals) go to the smaller lr (the paper's rule), then to the smaller weight decay, then to the
@@ -16,7 +16,7 @@ The protocol (VPT paper Sec. 4.1; REFERENCE.md "Training recipe", VTAB-1k protoc
 A sweep is data (YAML, see :func:`~vptune.engine.sweep_spec.parse_sweep` and ``configs/sweeps/``) and its
 runs are idempotent by folder::
 
-    <output>/<task>/<method>/grid/lr{lr}_wd{wd}[_p{num_tokens}][_frac{fraction}]/   one grid run
+    <output>/<task>/<method>/grid/lr{lr}_wd{wd}[_p{num_tokens}...][_frac{fraction}]/   one grid run (one _{short}{value} per sweep axis)
     <output>/<task>/<method>/selection.json                                          every score, the choice
     <output>/<task>/<method>/final/seed{s}[_frac{fraction}]/                         one final run
 
@@ -146,7 +146,7 @@ def run_sweep(spec: SweepSpec, *, backend: str | None = None, env: Env | None = 
     finally:
         if callable(getattr(runner, "close", None)):
             runner.close()
-    log(format_summary(choices, final))
+    log(format_summary(choices, final, grid))
     if failures:
         raise _failed(spec, failures, log)
     (Path(spec.output) / FAILURES_FILE).unlink(missing_ok=True)

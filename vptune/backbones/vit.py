@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vptune.backbones.base import Backbone, BlockInfo, ConfigDict, Preprocessing, Tokens, expand_prompts
+from vptune.backbones.registry import register_arch
 from vptune.errors import VptuneError, check_choice
 
 POOL_MODES = ("cls", "image_mean", "prompt_mean")
@@ -323,8 +324,6 @@ class VisionTransformer(Backbone):
 
 
 def _register() -> None:
-    from vptune.backbones.registry import register_arch
-
     register_arch("vit", VisionTransformer, ViTConfig, VIT_CONFIGS)
 
 

@@ -8,6 +8,8 @@ import logging
 import sys
 
 from vptune.cli import add_overrides_arg
+from vptune.engine.report import to_markdown, write_report
+from vptune.engine.sweep import Env, load_sweep, run_sweep
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,8 +52,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from vptune.engine.sweep import Env, load_sweep, run_sweep
-
     spec = load_sweep(args.sweep, overrides=args.overrides)
     if args.output:
         spec.output = args.output
@@ -70,7 +70,6 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from vptune.engine.report import to_markdown, write_report
 
     out = args.out or str(Path(args.runs[0]) / "report")
     report, files = write_report(args.runs, out, plots=not args.no_plots)

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vptune.artifact import atomic_write_json
+from vptune.engine.config import config_diff
 from vptune.engine.sweep_exec import Env, Job, LocalBackend, make_jobs  # noqa: F401
 from vptune.engine.sweep_plan import *
 from vptune.engine.sweep_plan import (  # noqa: F401
@@ -78,6 +80,7 @@ from vptune.engine.sweep_spec import (  # noqa: F401
     load_sweep,
     parse_sweep,
 )
+from vptune.engine.trainer import read_result
 from vptune.errors import VptuneError
 
 
@@ -91,9 +94,6 @@ class SweepOutcome:
 
 
 def _check_stale(runs: Sequence[Run], states: dict[Path, str], overwrite: bool) -> None:
-    from vptune.engine.config import config_diff
-    from vptune.engine.trainer import read_result
-
     stale = [r for r in runs if states[r.folder] == "stale"]
     if stale and not overwrite:
         diff = config_diff((read_result(stale[0].folder) or {}).get("config") or {}, stale[0].config)
@@ -158,8 +158,6 @@ FAILURES_FILE = "failures.json"
 
 def _failed(spec: SweepSpec, failures: list[dict[str, Any]], log: Callable[[str], None]) -> VptuneError:
     """List failed jobs in ``<output>/failures.json`` and the log; the error that ends the sweep."""
-    from vptune.artifact import atomic_write_json
-
     path = Path(spec.output) / FAILURES_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, {"failures": failures, "note": "re-run the sweep to retry these; finished runs "

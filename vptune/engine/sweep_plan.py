@@ -37,6 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vptune.artifact import atomic_write_json
+from vptune.backbones.base import Preprocessing
+from vptune.data import DataConfig, open_split
 from vptune.engine.config import config_diff, config_from_dict, config_to_dict, validate_config
 from vptune.engine.features import is_head_only, one_pass_eligible
 from vptune.engine.runfolder import CONFIG_FILE, read_result
@@ -226,8 +229,6 @@ def grid_score(run: Run) -> GridScore:
 
 def select_all(spec: SweepSpec, grid: Sequence[Run]) -> dict[tuple[str, str, float], GridScore]:
     """Choose per (task, method, fraction) and write each ``<task>/<method>/selection.json``."""
-    from vptune.artifact import atomic_write_json
-
     groups: dict[tuple[str, str], list[GridScore]] = {}
     diverged: dict[tuple[str, str], list[str]] = {}
     for run in grid:
@@ -276,9 +277,6 @@ def _split_size(cache: dict[tuple, int], data: dict[str, Any], split: str, fract
     """Images in ``split`` of a task (lazy: labels only), at ``fraction`` for ``seed``."""
     key = (data["root"], data["format"], split, fraction, seed)
     if key not in cache:
-        from vptune.backbones.base import Preprocessing
-        from vptune.data import DataConfig, open_split
-
         dc = DataConfig(root=data["root"], format=data["format"], fraction=fraction, num_workers=0)
         cache[key] = len(open_split(dc, split, Preprocessing(), train=False, seed=seed))
     return cache[key]

@@ -14,6 +14,15 @@ from typing import Any
 
 import yaml
 
+from vptune.engine.config import (
+    DataCfg,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_override,
+    set_dotted,
+    validate_config,
+)
 from vptune.engine.sweep_registry import check_backend
 from vptune.errors import VptuneError, check_choice
 from vptune.methods.base import METHODS, list_methods, parse_method_name, parse_options
@@ -152,15 +161,6 @@ def parse_sweep(data: dict[str, Any], base_dir: str | Path = ".", overrides: Seq
 
 
 def _load_base(value: Any, base_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    from vptune.engine.config import (
-        config_from_dict,
-        config_to_dict,
-        load_config,
-        parse_override,
-        set_dotted,
-        validate_config,
-    )
-
     if isinstance(value, str):
         path = base_dir / value if (base_dir / value).is_file() else Path(value)
         return config_to_dict(load_config(path, overrides))
@@ -253,7 +253,6 @@ def _check_axes(mgrid: GridSpec, cls: type, name: str, options: dict[str, Any], 
 
 
 def _parse_method(entry: Any, i: int, grid: GridSpec, base: dict[str, Any]) -> MethodSpec:
-    from vptune.engine.config import config_from_dict
     entry = {"name": entry} if isinstance(entry, str) else entry
     _check_keys(f"methods[{i}]", entry, METHOD_KEYS)
     if "name" not in entry:
@@ -287,8 +286,6 @@ def _option_names(cls: type) -> list[str]:
 
 
 def _parse_tasks(value: Any) -> list[TaskSpec]:
-    from vptune.engine.config import DataCfg
-
     data_keys = [k for k in DataCfg.__dataclass_fields__ if k != "root"]
     if isinstance(value, dict):
         _check_keys("tasks", value, TASKS_KEYS)

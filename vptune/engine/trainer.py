@@ -44,7 +44,10 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from vptune.artifact import atomic_write_bytes, atomic_write_json
+from vptune.backbones import create_backbone
 from vptune.backbones.base import Backbone, Preprocessing
+from vptune.data import DataConfig, open_split
+from vptune.data.memory import in_memory
 from vptune.engine.checkpoint import (
     CHECKPOINT,
     load_checkpoint,
@@ -62,6 +65,7 @@ from vptune.engine.evaluate import (
     resolve_precision,
 )
 from vptune.engine.optim import build_optimizer, build_scheduler, resolve_optimizer_name, scaled_lr
+from vptune.engine.recipes import IMAGENET_MEAN, IMAGENET_STD
 from vptune.engine.runfolder import (  # noqa: F401 -- the file names and read_result are re-exported
     CONFIG_FILE,
     METRICS_FILE,
@@ -78,6 +82,8 @@ from vptune.engine.runfolder import (  # noqa: F401 -- the file names and read_r
 )
 from vptune.engine.runlock import RunLock, StopOnInterrupt, TrainingInterrupted
 from vptune.errors import VptuneError
+from vptune.methods.base import parse_method_name, parse_options
+from vptune.model import create_model
 
 logger = logging.getLogger("vptune")
 
@@ -128,8 +134,6 @@ def build_trainer(cfg: TrainConfig, device: torch.device, *, datasets: dict[str,
         raise VptuneError("no training data: datasets['train'] is missing or empty")
     num_classes, label_names = infer_classes(splits["train"], num_classes, label_names)
     seed_everything(cfg.runtime.seed)  # model init independent of how the data was opened
-    from vptune.model import create_model
-
     model = create_model(backbone, cfg.method.name, num_classes, label_names=label_names,
                          head_norm=cfg.method.head_norm, head_init=cfg.method.head_init, **cfg.method.options)
     model.preprocessing = prep
@@ -138,16 +142,12 @@ def build_trainer(cfg: TrainConfig, device: torch.device, *, datasets: dict[str,
 
 def check_method(cfg: TrainConfig) -> None:
     """Refuse an unknown method or option before any backbone or data is loaded (valid ones listed)."""
-    from vptune.methods.base import parse_method_name, parse_options
-
     cls, implied = parse_method_name(cfg.method.name)
     parse_options(cls, {**cfg.method.options, **implied})
 
 
 def build_backbone(cfg: TrainConfig) -> Backbone:
     """The backbone ``cfg.backbone`` names (a registered name and/or a weights file or folder)."""
-    from vptune.backbones import create_backbone
-
     b = cfg.backbone
     if b.weights is None:
         if b.name is None:
@@ -162,8 +162,6 @@ def task_preprocessing(backbone: Backbone, input_size: int | None, normalize: st
     """The task's preprocessing: the backbone's, with ``input_size`` when given (a multiple of the patch),
     ImageNet mean/std with ``normalize="imagenet"`` and TensorFlow's bilinear resize (no antialiasing)
     with ``antialias=False`` (both as the reference code; stored with the task, so serving matches)."""
-    from vptune.engine.recipes import IMAGENET_MEAN, IMAGENET_STD
-
     prep = copy.deepcopy(backbone.preprocessing)
     if normalize == "imagenet":
         prep.mean, prep.std = IMAGENET_MEAN, IMAGENET_STD
@@ -184,9 +182,6 @@ def task_preprocessing(backbone: Backbone, input_size: int | None, normalize: st
 def open_datasets(cfg: TrainConfig, prep: Preprocessing) -> dict[str, Dataset]:
     """Open the train (training transform), val and test splits of ``cfg.data``; splits whose transform
     is deterministic are decoded once per process and kept in memory (:mod:`vptune.data.memory`)."""
-    from vptune.data import DataConfig, open_split
-    from vptune.data.memory import in_memory
-
     d = cfg.data
     if not d.root:
         raise VptuneError("no dataset given: set data.root (--data FOLDER)")

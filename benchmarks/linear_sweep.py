@@ -118,7 +118,7 @@ def fmt_s(s: float) -> str:
     return f"{s:,.1f} s" if s >= 1 else f"{s * 1e3:,.1f} ms"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--assets", default=os.environ.get("VPTUNE_ASSETS"))
     p.add_argument("--data", default=str(ROOT / "benchmarks" / "runs" / "data" / "mini_vtab"))
@@ -132,22 +132,52 @@ def main(argv: list[str] | None = None) -> int:
                    help="separate run_training runs actually timed; x40 is extrapolated (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "linear_sweep.json"))
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import logging
+    return p.parse_args(argv)
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+def time_separate_runs(cfgs: list[Any], backbone: Any, val_one: dict[tuple[float, float], float]
+                       ) -> tuple[list[float], list[float]]:
+    """(b): each config trained by ``run_training``; (seconds, val top-1) per run."""
+    from vptune.engine.trainer import run_training
+
+    sep_times, sep_val = [], []
+    for c in cfgs:
+        t0 = time.perf_counter()
+        r = run_training(c, overwrite=True, backbone=backbone)
+        sep_times.append(time.perf_counter() - t0)
+        sep_val.append(r["val"]["top1"])
+        print(f"(b) separate run lr {c.optim.base_lr:g} wd {c.optim.weight_decay:g}: {fmt_s(sep_times[-1])}, "
+              f"val top-1 {r['val']['top1']:.2f} (one pass: {val_one[(c.optim.base_lr, c.optim.weight_decay)]:.2f})",
+              flush=True)
+    return sep_times, sep_val
+
+
+def time_cached_heads(args: argparse.Namespace, root: Path, backbone: Any, cache: Path, optim: Any,
+                      grid: list[tuple[float, float]]) -> tuple[Any, float, float]:
+    """(c): the features cached by (a); the heads in one call vs one call each: (features, t_one, t_sep)."""
+    from vptune.data import DataConfig
+    from vptune.engine.features import HeadRecipe, HeadSpec, load_features, train_linear_heads
+
+    data = DataConfig(root=str(root), input_size=args.input_size, num_workers=args.num_workers)
+    fs = load_features(backbone, data, "train800", cache)  # from the cache written in (a)
+    recipe = HeadRecipe.from_optim(vars(optim))
+    specs = [HeadSpec(lr, wd, 0) for lr, wd in grid]
+    t0 = time.perf_counter()
+    train_linear_heads(fs.features, fs.labels, fs.num_classes, specs, recipe)
+    t_c_one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for s in specs:
+        train_linear_heads(fs.features, fs.labels, fs.num_classes, [s], recipe)
+    return fs, t_c_one, time.perf_counter() - t0
+
+
+def measure(args: argparse.Namespace, weights: str | None, grid: list[tuple[float, float]],
+            picks: list[tuple[float, float]]) -> dict[str, Any]:
+    """Paths (a), (b) and (c) in one temporary folder; their timings and val top-1s."""
     from vptune.engine.config import config_from_dict
-    from vptune.engine.features import HeadRecipe, HeadSpec, train_linear_heads, train_linear_runs
-    from vptune.engine.trainer import build_backbone, run_training
+    from vptune.engine.features import train_linear_runs
+    from vptune.engine.trainer import build_backbone
 
-    t_all = time.time()
-    weights = str(Path(args.assets) / "weights" / WEIGHTS_NAME) if args.assets else None
-    grid = [(lr, wd) for lr in PAPER_LRS for wd in PAPER_WDS]
-    k = max(1, min(args.separate_runs, len(grid)))
-    # separate runs: spread over the lr range (one per lr, in the grid's order), wd 1e-4
-    picks = [grid[i * len(grid) // k + 2] for i in range(k)]
     with tempfile.TemporaryDirectory(prefix="vptune_linear_sweep_") as tmp_s:
         tmp = Path(tmp_s)
         root, task_note = resolve_task(args, tmp)
@@ -157,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
                          if weights else "ViT-Ti/16, random init (no VPTUNE_ASSETS)")
         print(f"backbone: {backbone_note}, input {args.input_size}; task: {task_note}; "
               f"{args.epochs} epochs ({args.warmup_epochs} warmup), batch {args.batch_size}", flush=True)
-
         # (a) one pass, end to end, empty cache
         cfgs = configs(base, tmp / "one_pass", grid)
         t0 = time.perf_counter()
@@ -165,51 +194,36 @@ def main(argv: list[str] | None = None) -> int:
         t_one = time.perf_counter() - t0
         val_one = {(c.optim.base_lr, c.optim.weight_decay): r["val"]["top1"] for c, r in zip(cfgs, one)}
         print(f"(a) one pass, 40 heads incl. feature extraction: {fmt_s(t_one)}", flush=True)
-
         # (b) separate trainer runs
         sep_cfgs = configs(base, tmp / "separate", picks)
-        sep_times, sep_val = [], []
-        for c in sep_cfgs:
-            t0 = time.perf_counter()
-            r = run_training(c, overwrite=True, backbone=backbone)
-            sep_times.append(time.perf_counter() - t0)
-            sep_val.append(r["val"]["top1"])
-            print(f"(b) separate run lr {c.optim.base_lr:g} wd {c.optim.weight_decay:g}: {fmt_s(sep_times[-1])}, "
-                  f"val top-1 {r['val']['top1']:.2f} (one pass: {val_one[(c.optim.base_lr, c.optim.weight_decay)]:.2f})",
-                  flush=True)
-        t_sep40 = statistics.fmean(sep_times) * len(grid)
-
+        sep_times, sep_val = time_separate_runs(sep_cfgs, backbone, val_one)
         # (c) cached features only
-        from vptune.data import DataConfig
-        from vptune.engine.features import load_features
+        fs, t_c_one, t_c_sep = time_cached_heads(args, root, backbone, tmp / "features", cfgs[0].optim, grid)
+    return {"task_note": task_note, "backbone_note": backbone_note, "t_one": t_one, "val_one": val_one,
+            "sep_cfgs": sep_cfgs, "sep_times": sep_times, "sep_val": sep_val, "fs": fs,
+            "t_c_one": t_c_one, "t_c_sep": t_c_sep, "t_sep40": statistics.fmean(sep_times) * len(grid)}
 
-        data = DataConfig(root=str(root), input_size=args.input_size, num_workers=args.num_workers)
-        fs = load_features(backbone, data, "train800", tmp / "features")  # from the cache written in (a)
-        recipe = HeadRecipe.from_optim(vars(cfgs[0].optim))
-        specs = [HeadSpec(lr, wd, 0) for lr, wd in grid]
-        t0 = time.perf_counter()
-        train_linear_heads(fs.features, fs.labels, fs.num_classes, specs, recipe)
-        t_c_one = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for s in specs:
-            train_linear_heads(fs.features, fs.labels, fs.num_classes, [s], recipe)
-        t_c_sep = time.perf_counter() - t0
 
+def build_result(args: argparse.Namespace, m: dict[str, Any], grid: list[tuple[float, float]], k: int,
+                 t_all: float) -> dict[str, Any]:
+    """The JSON report of one benchmark run."""
+    val_one, sep_cfgs, sep_val, fs = m["val_one"], m["sep_cfgs"], m["sep_val"], m["fs"]
+    t_one, t_sep40, t_c_one, t_c_sep = m["t_one"], m["t_sep40"], m["t_c_one"], m["t_c_sep"]
     agree = [abs(v - val_one[(c.optim.base_lr, c.optim.weight_decay)]) for c, v in zip(sep_cfgs, sep_val)]
-    result = {
+    return {
         "schema": 1,
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "machine": machine_info(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "commit": git_commit(),
-        "setup": {"backbone": backbone_note, "input_size": args.input_size, "task": task_note,
+        "setup": {"backbone": m["backbone_note"], "input_size": args.input_size, "task": m["task_note"],
                   "n_train": len(fs.labels), "num_classes": fs.num_classes, "epochs": args.epochs,
                   "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size, "num_workers": args.num_workers,
                   "grid": {"lr": list(PAPER_LRS), "wd": list(PAPER_WDS), "heads": len(grid)},
                   "stage": "grid: train on train800, score on val200"},
         "timings_s": {
             "a_one_pass_40_heads_with_feature_extraction": round(t_one, 3),
-            "b_separate_run_each": [round(t, 3) for t in sep_times],
+            "b_separate_run_each": [round(t, 3) for t in m["sep_times"]],
             "b_separate_runs_timed": k,
             "b_separate_40_extrapolated": round(t_sep40, 3),
             "c_cached_one_pass_40_heads": round(t_c_one, 4),
@@ -228,25 +242,47 @@ def main(argv: list[str] | None = None) -> int:
                   "shared machine: absolute times are noisy, ratios are measured in one process"],
         "wall_s": round(time.time() - t_all, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def markdown(args: argparse.Namespace, m: dict[str, Any], result: dict[str, Any], k: int, out: Path) -> str:
+    """The printed table of one benchmark run."""
     r = result["ratios"]
-    md = "\n".join([
-        (f"Linear-probe grid, 40 heads (10 lr x 4 wd), {backbone_note}, {args.input_size} px, {task_note}, "
-         f"{args.epochs} epochs, batch {args.batch_size}; {machine_info()['cpu']}, {os.cpu_count()} cores."), "",
+    return "\n".join([
+        (f"Linear-probe grid, 40 heads (10 lr x 4 wd), {m['backbone_note']}, {args.input_size} px, "
+         f"{m['task_note']}, {args.epochs} epochs, batch {args.batch_size}; {machine_info()['cpu']}, "
+         f"{os.cpu_count()} cores."), "",
         "| path | 40 heads | ratio (separate / one pass) |", "|---|---|---|",
-        f"| (a) one pass incl. feature extraction (train800 + val200 once) | {fmt_s(t_one)} | |",
-        (f"| (b) separate `run_training` runs (mean of {k} timed x 40, extrapolated) | {fmt_s(t_sep40)} | "
+        f"| (a) one pass incl. feature extraction (train800 + val200 once) | {fmt_s(m['t_one'])} | |",
+        (f"| (b) separate `run_training` runs (mean of {k} timed x 40, extrapolated) | {fmt_s(m['t_sep40'])} | "
          f"**{r['end_to_end_separate_over_one_pass']:.1f}x** |"),
-        f"| (c) cached features: one pass | {fmt_s(t_c_one)} | |",
-        (f"| (c) cached features: 40 separate single-head passes | {fmt_s(t_c_sep)} | "
+        f"| (c) cached features: one pass | {fmt_s(m['t_c_one'])} | |",
+        (f"| (c) cached features: 40 separate single-head passes | {fmt_s(m['t_c_sep'])} | "
          f"**{r['cached_features_separate_over_one_pass']:.1f}x** |"), "",
         (f"Separate runs vs one-pass heads of the same (lr, wd): max |val top-1 difference| = "
          f"{result['check']['max_abs_val_top1_diff']:.2f} points over {k} run(s)."),
         f"Wrote {out}.",
     ])
-    print(md)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    t_all = time.time()
+    weights = str(Path(args.assets) / "weights" / WEIGHTS_NAME) if args.assets else None
+    grid = [(lr, wd) for lr in PAPER_LRS for wd in PAPER_WDS]
+    k = max(1, min(args.separate_runs, len(grid)))
+    # separate runs: spread over the lr range (one per lr, in the grid's order), wd 1e-4
+    picks = [grid[i * len(grid) // k + 2] for i in range(k)]
+    m = measure(args, weights, grid, picks)
+    result = build_result(args, m, grid, k, t_all)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(args, m, result, k, out))
     return 0
 
 

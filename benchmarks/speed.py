@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,40 +57,13 @@ import torch.nn.functional as F
 
 import vptune
 from benchmarks._provenance import git_commit, machine_info
-from vptune.backbones import vit as vit_mod
+from benchmarks.speed_ablation import Job, ablation_backbone, attention_impl, full_sequence_features
 from vptune.backbones.vit import VIT_CONFIGS, VisionTransformer
 
 DEFAULT_BACKBONES = "vit_tiny_patch16_224,vit_base_patch16_224"
 DEFAULT_METHODS = "linear,full,partial-1,mlp-3,sidetune,bias,adapter,vpt-shallow,vpt-deep"
 ABLATION_ITEMS = ("attention", "grad_mode", "frozen", "compile", "checkpointing", "bf16", "proposal", "memory")
 SCHEMA_VERSION = 1
-
-
-# --------------------------------------------------------------------------------------------------
-# One benchmark configuration
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Job:
-    backbone: str
-    method: str
-    kind: str = "train"  # train | infer
-    attention: str = "sdpa"  # sdpa (vptune) | explicit (reference softmax(QK^T)V)
-    frozen: bool = True  # False: every backbone weight requires grad, only the method's tensors train
-    checkpointing: bool = False
-    grad_mode: str = "inference_mode"  # infer only: inference_mode | no_grad | enabled
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
-    compile: bool = False
-    forward: str = "vptune"  # vptune | full-sequence (baseline of (g), vpt-deep only)
-
-    def label(self) -> str:
-        parts = [self.method, self.kind]
-        for f in dataclasses.fields(self):
-            if f.name in ("backbone", "method", "kind"):
-                continue
-            v = getattr(self, f.name)
-            if v != f.default:
-                parts.append(f"{f.name}={v}")
-        return " ".join(parts)
 
 
 def method_options(method: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -123,62 +97,6 @@ def get_backbone(name: str, args: argparse.Namespace, device: torch.device) -> V
         torch.manual_seed(0)
         _BACKBONES[name] = VisionTransformer(cfg, input_size=args.input_size).to(device).eval()
     return _BACKBONES[name]
-
-
-# --------------------------------------------------------------------------------------------------
-# Reference implementations used by the ablation
-# --------------------------------------------------------------------------------------------------
-_SDPA_FORWARD = vit_mod.Attention.forward
-
-
-def explicit_attention_forward(self, x, attn_mask=None, kv_extra=None):
-    """timm's non-fused path: softmax(q k^T / sqrt(d_h)) v with the (B, h, N, N) matrix materialised."""
-    B, N, C = x.shape
-    hd = C // self.num_heads
-    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-    if kv_extra is not None:  # VPT-deep prompts as keys/values only (see vit.Attention)
-        w, b = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
-        kv = F.linear(kv_extra, w, b).reshape(kv_extra.shape[0], -1, 2, self.num_heads, hd)
-        kv = kv.permute(2, 0, 3, 1, 4).expand(-1, B, -1, -1, -1)
-        k, v = torch.cat([k, kv[0]], dim=2), torch.cat([v, kv[1]], dim=2)
-    attn = (q * hd**-0.5) @ k.transpose(-2, -1)  # (B, h, N, N+p)
-    if attn_mask is not None:
-        attn = attn.masked_fill(~attn_mask, float("-inf"))
-    x = attn.softmax(dim=-1) @ v
-    return self.proj(x.transpose(1, 2).reshape(B, N, C))
-
-
-@contextlib.contextmanager
-def attention_impl(name: str):
-    vit_mod.Attention.forward = explicit_attention_forward if name == "explicit" else _SDPA_FORWARD
-    try:
-        yield
-    finally:
-        vit_mod.Attention.forward = _SDPA_FORWARD
-
-
-def full_sequence_features(model: vptune.TunedModel, images: torch.Tensor) -> torch.Tensor:
-    """Baseline for (g): VPT-deep with the prompts inside the sequence ``[CLS, P, patches]`` of every
-    block and their outputs computed (what the reference code and vptune before this optimisation do).
-    vptune now passes ``prompt_outputs=False`` so the prompts only supply keys and values."""
-    return model.forward_features(images, hooks=_KeepPromptOutputs(model.method))
-
-
-class _KeepPromptOutputs:
-    """The method's hooks with ``prompt_outputs=True`` at every block (the baseline of (g))."""
-
-    def __init__(self, method: Any) -> None:
-        self.method = method
-
-    def block_input(self, i: int, tokens: Any, batch: int) -> Any:
-        tokens, given = self.method.block_input(i, tokens, batch)
-        return tokens, dataclasses.replace(given, prompt_outputs=True)
-
-    def pool(self, backbone: Any, tokens: Any) -> Any:
-        return self.method.pool(backbone, tokens)
-
-    def fuse(self, features: Any, images: Any) -> Any:
-        return self.method.fuse(features, images)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,127 +363,6 @@ def bench_backbone(name: str, methods: list[str], args: argparse.Namespace, devi
 
 
 # --------------------------------------------------------------------------------------------------
-# Ablation
-# --------------------------------------------------------------------------------------------------
-def _ab(backbone: str, item: str, name: str, workload: str, metric: str, baseline: str, optimised: str,
-        b: float | None, o: float | None, note: str = "") -> dict[str, Any]:
-    ratio = o / b if (b and o is not None) else None
-    return {"backbone": backbone, "item": item, "name": name, "workload": workload, "metric": metric,
-            "baseline": baseline, "optimised": optimised, "baseline_value": b, "optimised_value": o,
-            "ratio": ratio, "note": note}
-
-
-def ablation_backbone(name: str, args: argparse.Namespace, device: torch.device,
-                      log: Callable[[str], None]) -> list[dict[str, Any]]:
-    skip = set(args.ablation_skip)
-    use_bf16 = "bf16" not in skip and (device.type == "cuda" or args.ablation_bf16)
-    vd = "vpt-deep"
-    T = Job(name, vd, "train")
-    train_jobs = [T]
-    if "attention" not in skip:
-        train_jobs.append(dataclasses.replace(T, attention="explicit"))
-    if "frozen" not in skip:
-        train_jobs.append(dataclasses.replace(T, frozen=False))
-    if "checkpointing" not in skip:
-        train_jobs.append(dataclasses.replace(T, checkpointing=True))
-    if use_bf16:
-        train_jobs.append(dataclasses.replace(T, precision="bf16"))
-    if "proposal" not in skip:
-        train_jobs.append(dataclasses.replace(T, forward="full-sequence"))
-    I = Job(name, "linear", "infer")  # the plain backbone (+ a linear head)
-    V = Job(name, vd, "infer")
-    infer_jobs = [I, V]
-    if "attention" not in skip:
-        infer_jobs.append(dataclasses.replace(I, attention="explicit"))
-    if "grad_mode" not in skip:
-        infer_jobs += [dataclasses.replace(j, grad_mode=g) for j in (I, V) for g in ("no_grad", "enabled")]
-    if use_bf16:
-        infer_jobs.append(dataclasses.replace(I, precision="bf16"))
-    if "proposal" not in skip:
-        infer_jobs.append(dataclasses.replace(V, forward="full-sequence"))
-
-    runners = [build_runner(j, args, device) for j in train_jobs + infer_jobs]
-    out: list[dict[str, Any]] = []
-    checks: dict[str, float] = {}
-    if "attention" not in skip or "proposal" not in skip:  # the reference paths compute the same logits
-        m = next(r.model for r in runners if r.job == V)
-        xb = torch.randn(2, 3, args.input_size, args.input_size, device=device)
-        with torch.inference_mode():
-            ref = m(xb)
-            with attention_impl("explicit"):
-                checks["explicit_attention_max_abs_diff"] = (m(xb) - ref).abs().max().item()
-            checks["kv_prompts_max_abs_diff"] = (m.head(full_sequence_features(m, xb)) - ref).abs().max().item()
-    steps = args.ablation_steps or args.steps
-    log(f"[{name}] ablation: {len(train_jobs)} training and {len(infer_jobs)} inference configs interleaved")
-    res = interleaved(runners, steps, args.warmup, device, log)
-    ips = {j: res[j]["ips"] for j in res}
-    wl_t, wl_i, wl_v = f"{vd} train (p={args.num_tokens})", "plain backbone inference", \
-        f"{vd} inference (p={args.num_tokens})"
-
-    mem: dict[Job, float | None] = {}
-    if args.memory == "subprocess" and "memory" not in skip:
-        mem_jobs = [j for j in train_jobs if j.precision == "fp32"] + [V] + \
-            [dataclasses.replace(V, grad_mode=g) for g in ("no_grad", "enabled") if "grad_mode" not in skip]
-        log(f"[{name}] ablation memory, {len(mem_jobs)} subprocesses")
-        for j in mem_jobs:
-            mem[j] = run_single_subprocess(j, args, args.memory_timeout, log).get("delta_mb")
-
-    def both(item: str, title: str, base: Job, opt: Job, bl: str, ol: str, note: str = "") -> None:
-        wl = wl_t if base.kind == "train" else (wl_v if base.method == vd else wl_i)
-        out.append(_ab(name, item, title, wl, "img/s", bl, ol, ips[base], ips[opt], note))
-        if base in mem and opt in mem:
-            out.append(_ab(name, item, title, wl, "peak MB above baseline", bl, ol, mem[base], mem[opt], note))
-
-    if "attention" not in skip:
-        n = f"max |logit diff| {checks['explicit_attention_max_abs_diff']:.1e}"
-        both("a", "SDPA vs explicit softmax(QK^T)V", dataclasses.replace(T, attention="explicit"), T,
-             "explicit", "sdpa", n)
-        both("a", "SDPA vs explicit softmax(QK^T)V", dataclasses.replace(I, attention="explicit"), I,
-             "explicit", "sdpa", n)
-    if "grad_mode" not in skip:
-        for j in (I, V):
-            for g in ("no_grad", "enabled"):
-                note = "frozen weights: no graph is built even with grad enabled" if j is I and g == "enabled" \
-                    else ("prompts require grad: grad-enabled eval builds and keeps the graph" if g == "enabled"
-                          else "")
-                both("b", "inference_mode vs " + g, dataclasses.replace(j, grad_mode=g), j, g, "inference_mode",
-                     note)
-    if "frozen" not in skip:
-        both("c", "frozen backbone (requires_grad=False) vs all weights requiring grad",
-             dataclasses.replace(T, frozen=False), T, "requires_grad=True, prompts-only optimizer",
-             "requires_grad=False")
-    if "checkpointing" not in skip:
-        both("e", "gradient checkpointing (cost and saving)", T, dataclasses.replace(T, checkpointing=True),
-             "no checkpointing", "gradient_checkpointing=True",
-             "optimised here = checkpointing on: img/s ratio < 1 is its time cost, memory ratio < 1 its saving")
-    if use_bf16:
-        both("f", "bf16 autocast vs fp32", T, dataclasses.replace(T, precision="bf16"), "fp32", "bf16 autocast")
-        both("f", "bf16 autocast vs fp32", I, dataclasses.replace(I, precision="bf16"), "fp32", "bf16 autocast")
-    if "proposal" not in skip:
-        n = (f"max |logit diff| {checks['kv_prompts_max_abs_diff']:.1e}; prompt slots get only keys/values "
-             "(their outputs are discarded in VPT-deep)")
-        for job in (T, V):
-            both("g", "VPT-deep prompts as keys/values only", dataclasses.replace(job, forward="full-sequence"), job,
-                 "prompts in the sequence, outputs computed", "vptune (prompt_outputs=False)", n)
-    del runners
-    gc.collect()
-
-    if "compile" not in skip:
-        for j, wl in ((T, wl_t), (I, wl_i)):
-            log(f"[{name}] torch.compile probe ({j.label()}), time-boxed to {args.compile_timeout:.0f}s")
-            c = run_single_subprocess(dataclasses.replace(j, compile=True), args, args.compile_timeout, log)
-            if "error" in c:
-                out.append(_ab(name, "d", "torch.compile vs eager", wl, "img/s", "eager", "torch.compile",
-                               None, None, f"skipped: {c['error']}"))
-            else:
-                out.append(_ab(name, "d", "torch.compile vs eager", wl, "img/s", "eager", "torch.compile",
-                               c["eager_ips"], c["compiled_ips"],
-                               f"compile (first call) {c['compile_s']:.1f}s, second call {c['second_call_s']:.1f}s; "
-                               f"inductor on {device.type}"))
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------------
 def _f(v: Any, fmt: str) -> str:
@@ -636,6 +433,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    bench = types.SimpleNamespace(build_runner=build_runner, interleaved=interleaved,
+                                  run_single_subprocess=run_single_subprocess)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.single:  # child process: one memory measurement or one compile probe, JSON on stdout
@@ -682,7 +481,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             save()
     if args.ablation or args.ablation_only:
         for name in [b for b in args.ablation_backbones.split(",") if b]:
-            report["ablation"] += ablation_backbone(name, args, device, log)
+            report["ablation"] += ablation_backbone(name, args, device, log, bench)
             save()
     md = save()
     if not args.quiet:

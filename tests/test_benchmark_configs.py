@@ -65,7 +65,7 @@ def test_mini_vtab_sweeps_plan(name: str, size: int, epochs: int, seeds: int, sh
     assert all(r.config["data"]["test_split"] is None for r in grid)  # grid runs never see test
     assert len({r.folder for r in grid}) == len(grid)
     # the finals: one per (task, method, seed) once a choice exists
-    choices = {(t.name, m.label, 1.0): S.GridScore(m.grid.lr[0], m.grid.wd[0], None, 1.0, 50.0)
+    choices = {(t.name, m.label, 1.0): S.GridScore(m.grid.lr[0], m.grid.wd[0], (), 1.0, 50.0)
                for t in spec.tasks for m in spec.methods}
     final = S.plan_final(spec, choices)
     assert len(final) == 8 * 9 * seeds

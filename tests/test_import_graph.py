@@ -1,6 +1,7 @@
 """The import graph of ``vptune`` (read with ``ast``, nothing imported): no cycles, and no import from a
 lower layer to a higher one. Every import counts, function-local ones included. The layer table is the
-one in docs/architecture.md; a module belongs to the longest prefix listed."""
+one in docs/architecture.md; a module belongs to the longest prefix listed. A function-local import of a
+vptune module is refused unless :data:`LOCAL_IMPORTS` allows it (optional dependencies may stay local)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "vptune"
 
 LAYERS: dict[str, int] = {
-    "vptune.errors": 0, "vptune.version": 0, "vptune.io": 0,
+    "vptune.errors": 0, "vptune.version": 0, "vptune.io": 0, "vptune.checks": 0,
     "vptune.backbones": 1,
     "vptune.methods": 2,
     "vptune.model": 3,
@@ -21,6 +22,11 @@ LAYERS: dict[str, int] = {
     "vptune": 5,  # the package facade: the core API, MultiTaskModel loaded lazily
     "vptune.engine": 6,
     "vptune.cli": 7, "vptune.serve": 7, "vptune.serving_limits": 7, "vptune.demo": 7, "vptune.__main__": 7,
+}
+
+# (importing module, imported module): the only function-local imports of vptune's own modules, each with why
+LOCAL_IMPORTS: dict[tuple[str, str], str] = {
+    ("vptune", "vptune.multitask"): "`import vptune` does not load the serving layer: MultiTaskModel on first use",
 }
 
 
@@ -33,9 +39,14 @@ def module_name(path: Path) -> str:
 
 def imports_of(path: Path, name: str, modules: set[str]) -> set[str]:
     """The vptune modules ``path`` imports (``from vptune.x import y`` counts vptune.x.y when that is a module)."""
+    return imports_of_nodes(ast.walk(ast.parse(path.read_text())), path, name, modules)
+
+
+def imports_of_nodes(nodes, path: Path, name: str, modules: set[str]) -> set[str]:
+    """The vptune modules the import statements among ``nodes`` (of module ``name`` at ``path``) import."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in nodes:
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.split(".")[0] == "vptune"}
         elif isinstance(node, ast.ImportFrom):
@@ -94,6 +105,22 @@ def test_no_import_cycles():
     assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
 
 
+def local_imports(path: Path, name: str, modules: set[str]) -> set[str]:
+    """The vptune modules ``path`` imports inside a function body."""
+    found: set[str] = set()
+    for fn in ast.walk(ast.parse(path.read_text())):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found |= imports_of_nodes(ast.walk(fn), path, name, modules)
+    return found
+
+
+def test_function_local_imports_of_vptune_are_allow_listed():
+    files = {module_name(p): p for p in ROOT.rglob("*.py")}
+    bad = [f"{n} imports {m} inside a function (move it to the top, or allow it in LOCAL_IMPORTS with why)"
+           for n, p in files.items() for m in sorted(local_imports(p, n, set(files))) if (n, m) not in LOCAL_IMPORTS]
+    assert not bad, "\n".join(bad)
+
+
 def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path):
     """The checker itself can fail: a planted cycle and a planted upward import are found."""
     pkg = tmp_path / "vptune"
@@ -107,6 +134,8 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path):
     g = {n: imports_of(p, n, set(files)) for n, p in files.items()}
     assert "vptune.engine.a" in g["vptune.errors"]
     assert g["vptune.engine.a"] == {"vptune.engine.b"} and g["vptune.engine.b"] == {"vptune.engine.a"}
+    assert local_imports(files["vptune.engine.a"], "vptune.engine.a", set(files)) == {"vptune.engine.b"}
+    assert local_imports(files["vptune.engine.b"], "vptune.engine.b", set(files)) == set()
 
 
 def module_name_in(root: Path, path: Path) -> str:

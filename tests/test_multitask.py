@@ -8,6 +8,7 @@ import torch
 import vptune
 from tests.helpers import TINY, tiny_vit
 from vptune import create_model
+from vptune.backbones import swin
 from vptune.backbones.vit import VisionTransformer, ViTConfig
 from vptune.errors import VptuneError
 from vptune.multitask import MultiTaskModel, pad_logits
@@ -171,7 +172,6 @@ def test_exported_from_package():
 
 @pytest.mark.parametrize("prompt_merge", ["carry", "drop"])
 def test_swin_mixed_batch_equals_each_task_alone(tmp_path, prompt_merge):
-    swin = pytest.importorskip("vptune.backbones.swin", reason="the Swin backbone is not available")
     torch.manual_seed(0)
     cfg = swin.SwinConfig(
         embed_dim=32, depths=(2, 2), num_heads=(2, 4), img_size=56, window_size=7, prompt_merge=prompt_merge

@@ -119,6 +119,10 @@ class FakeTrainer:
     ({"methods": ["vpt-deeep"]}, "valid choices:"),
     ({"methods": [{"name": "vpt-deep", "options": {"num_tokenz": 3}}]}, "valid keys: num_tokens"),
     ({"methods": [{"name": "linear", "grid": {"num_tokens": [1, 5]}}]}, "vpt-deep"),
+    ({"methods": [{"name": "linear", "grid": {"num_tokens": [1]}}]}, ("not a sweep axis of method 'linear' (its grid "
+                                                                      "axes: lr, wd, fraction)")),
+    ({"methods": [{"name": "vpt-deep", "grid": {"dropout": [0.1]}}]}, "valid keys: lr, wd, num_tokens, fraction"),
+    ({"methods": [{"name": "vpt-deep", "grid": {"num_tokens": [-1]}}]}, "num_tokens must be >= 0"),
     ({"methods": [{"name": "linear", "color": 1}]}, "valid keys: name, label, options, grid, config"),
     ({"grid": {"lr": [0.1], "momentum": [0.9]}}, "valid keys: lr, wd, num_tokens, fraction"),
     ({"grid": {"lr": [-1]}}, "> 0"),
@@ -184,7 +188,7 @@ def test_backend_registry_is_a_seam(tmp_path: Path, data_root: Path) -> None:
 
 def test_folder_names() -> None:
     assert S.grid_folder(50, 0.0001) == "lr50_wd0.0001"
-    assert S.grid_folder(2.5, 0.0, 10, 0.5) == "lr2.5_wd0_p10_frac0.5"
+    assert S.grid_folder(2.5, 0.0, {"p": 10}, 0.5) == "lr2.5_wd0_p10_frac0.5"
     assert S.grid_folder(1e-5, 0.01, None, 1.0) == "lr1e-05_wd0.01"
     assert S.final_folder(3) == "seed3" and S.final_folder(0, 0.1) == "seed0_frac0.1"
 
@@ -196,13 +200,16 @@ def test_folder_names() -> None:
 
 def test_tie_break_smaller_lr_then_wd_then_prompt_length() -> None:
     G = S.GridScore
-    a = G(0.5, 0.0, 10, 1.0, 80.0)
-    assert S.select_best([a, G(0.1, 0.01, 50, 1.0, 80.0), G(5.0, 0.0, 1, 1.0, 79.5)]).lr == 0.1
-    assert S.select_best([G(0.1, 0.01, 1, 1.0, 80.0), G(0.1, 0.001, 50, 1.0, 80.0)]).wd == 0.001
-    assert S.select_best([G(0.1, 0.0, 50, 1.0, 80.0), G(0.1, 0.0, 5, 1.0, 80.0)]).num_tokens == 5
+    def p(n: int) -> tuple:
+        return (("num_tokens", n),)
+
+    a = G(0.5, 0.0, p(10), 1.0, 80.0)
+    assert S.select_best([a, G(0.1, 0.01, p(50), 1.0, 80.0), G(5.0, 0.0, p(1), 1.0, 79.5)]).lr == 0.1
+    assert S.select_best([G(0.1, 0.01, p(1), 1.0, 80.0), G(0.1, 0.001, p(50), 1.0, 80.0)]).wd == 0.001
+    assert S.select_best([G(0.1, 0.0, p(50), 1.0, 80.0), G(0.1, 0.0, p(5), 1.0, 80.0)]).axis("num_tokens") == 5
     # equal to 6 decimals is a tie (float noise from different summation orders); beyond is not
-    assert S.select_best([G(0.5, 0.0, None, 1.0, 80.0000001), G(0.1, 0.0, None, 1.0, 80.0)]).lr == 0.1
-    assert S.select_best([G(0.5, 0.0, None, 1.0, 80.001), G(0.1, 0.0, None, 1.0, 80.0)]).lr == 0.5
+    assert S.select_best([G(0.5, 0.0, (), 1.0, 80.0000001), G(0.1, 0.0, (), 1.0, 80.0)]).lr == 0.1
+    assert S.select_best([G(0.5, 0.0, (), 1.0, 80.001), G(0.1, 0.0, (), 1.0, 80.0)]).lr == 0.5
     with pytest.raises(VptuneError):
         S.select_best([])
 
@@ -220,7 +227,7 @@ def test_selection_uses_val_only_and_is_idempotent(tmp_path: Path, data_root: Pa
     out = S.run_sweep(spec, env=fake_env(trainer), log=logs.append)
     assert len(trainer.calls) == 12 + 2 and all(not r and not o for _, r, o in trainer.calls)
     choice = out.choices[("toy", "vpt-deep", 1.0)]
-    assert (choice.lr, choice.wd, choice.num_tokens, choice.val_top1) == (0.5, 0.0, 4, 70.0)
+    assert (choice.lr, choice.wd, choice.axis("num_tokens"), choice.val_top1) == (0.5, 0.0, 4, 70.0)
     sel = json.loads((tmp_path / "out/toy/vpt-deep/selection.json").read_text())
     assert sel["choice"]["lr"] == 0.5 and sel["choice"]["num_tokens"] == 4 and len(sel["grid"]) == 12
     assert sel["selected_on"] == "val200" and "smaller lr" in sel["rule"]
@@ -425,7 +432,7 @@ def test_example_sweeps_parse() -> None:
     spec = S.load_sweep(root / "vtab1k.yaml")
     assert len(spec.tasks) == 19 and [m.label for m in spec.methods] == ["vpt-deep", "linear", "full"]
     vpt, lin, full = spec.methods
-    assert vpt.grid.num_tokens == [1, 5, 10, 50, 100, 200] and vpt.options["dropout"] == 0.1
+    assert vpt.grid.axes["num_tokens"] == [1, 5, 10, 50, 100, 200] and vpt.options["dropout"] == 0.1
     assert len(lin.grid.lr) * len(lin.grid.wd) == 40 and full.grid.lr == [0.001, 0.0001, 0.0005, 0.005]
     assert spec.seeds == [42, 44, 82] and spec.grid_seed == 42
 
@@ -462,7 +469,8 @@ class DivergingTrainer(FakeTrainer):
         self.calls.append((cfg.output, False, False))
         out = Path(cfg.output)
         out.mkdir(parents=True, exist_ok=True)
-        result = {"status": "diverged", "config": config_to_dict(cfg), "val": None, "test": None}
+        result = {"status": "diverged", "config": config_to_dict(cfg), "val": None, "test": None,
+                  "diverged": "loss 1e+09 at epoch 1 step 3 (> 100x the first)"}
         (out / "result.json").write_text(json.dumps(result))
         return result
 
@@ -471,8 +479,12 @@ def test_selection_skips_diverged_runs(tmp_path: Path, data_root: Path) -> None:
     """A diverged grid point (the best-looking lr) is a failed point: listed, never selected, not retrained."""
     spec = S.parse_sweep(sweep_dict(tmp_path, data_root, grid={"lr": [0.5, 2.5], "wd": [0.0]}))
     trainer = DivergingTrainer({(0.5, 0.0, 2): 60.0}, {2.5})
-    out = S.run_sweep(spec, env=fake_env(trainer), log=lambda _: None)
+    logs: list[str] = []
+    out = S.run_sweep(spec, env=fake_env(trainer), log=logs.append)
     assert out.choices[("toy", "vpt-deep", 1.0)].lr == 0.5
+    summary = logs[-1].splitlines()  # the printed summary lists the diverged grid run with its reason
+    assert summary[-2:] == ["1 grid run(s) diverged (status 'diverged' in result.json; never selected):",
+                            "  toy/vpt-deep/grid/lr2.5_wd0: loss 1e+09 at epoch 1 step 3 (> 100x the first)"]
     sel = json.loads((tmp_path / "out/toy/vpt-deep/selection.json").read_text())
     assert [g["lr"] for g in sel["grid"]] == [0.5]
     assert sel["diverged"] == [str(tmp_path / "out/toy/vpt-deep/grid/lr2.5_wd0")]

@@ -27,9 +27,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from vptune.backbones.base import Backbone, Preprocessing
+from vptune.checks import coerce_fields
 from vptune.errors import VptuneError
 from vptune.io import atomic_write_bytes, atomic_write_json, check_format_stamp
-from vptune.methods.base import HEAD_NORMS
+from vptune.methods.base import HEAD_NORMS, parse_method_name
 from vptune.model import TunedModel, create_model, register_persistence
 from vptune.version import __version__
 
@@ -265,9 +266,6 @@ def load_task(directory: str | Path, backbone: Backbone, *, check_backbone: bool
 
 
 def _task_options(meta: dict[str, Any], where: str) -> dict[str, Any]:
-    from vptune.checks import coerce_fields
-    from vptune.methods.base import parse_method_name
-
     cls, _ = parse_method_name(meta["method"])
     return coerce_fields(cls.options_cls, meta["options"], f"{where}: options")
 

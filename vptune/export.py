@@ -53,6 +53,7 @@ from vptune.backbones.base import Backbone
 from vptune.errors import VptuneError
 from vptune.io import atomic_write_json
 from vptune.methods.mixed import MixedPrompts
+from vptune.model import frozen_model
 
 logger = logging.getLogger("vptune")
 LAYOUT = "vptune-onnx-multitask/1"
@@ -65,8 +66,6 @@ class PromptedBackboneGraph(nn.Module):
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
-        from vptune.model import frozen_model
-
         self.model = frozen_model(backbone)
         self.pool_modes = tuple(backbone.pool_modes)
         self.dims = [info.dim for info in backbone.block_infos()]  # block i reads prompts[i, ..., :d_i]

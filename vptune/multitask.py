@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vptune.artifact import load_task, read_task_json
 from vptune.backbones.base import Backbone
 from vptune.errors import VptuneError
 from vptune.methods.mixed import MixedPrompts
@@ -147,8 +148,6 @@ class MultiTaskModel:
     def add_task(self, name: str, directory: str | Path, *, replace: bool = False) -> TaskEntry:
         """Load the task folder ``directory`` as ``name``. Refuses a task trained on another backbone
         (arch, config or weights sha256 differ) and an existing name unless ``replace``."""
-        from vptune.artifact import load_task, read_task_json
-
         self._check_name(name, replace)
         model = load_task(directory, self.backbone, check_backbone=True)  # VptuneError on a mismatch
         return self._register(name, str(directory), model, read_task_json(directory), replace)

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from vptune.data.transforms import to_rgb
 from vptune.errors import VptuneError
 
 IMAGE_TYPES = {
@@ -96,7 +97,6 @@ def decode_upload(data: bytes, content_type: str | None, cfg: ServeConfig):  # -
     """Bytes of an uploaded image -> RGB PIL image, or :class:`ApiError` 415/413/400."""
     from PIL import Image, UnidentifiedImageError
 
-    from vptune.data.transforms import to_rgb
 
     ctype = (content_type or "").split(";")[0].strip().lower()
     if ctype not in cfg.image_types:

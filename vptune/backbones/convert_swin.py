@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vptune.backbones import checkpoint
 from vptune.backbones.convert import Converted
 from vptune.backbones.registry import StateDict, register_converter
 from vptune.backbones.swin import SWIN_CONFIGS, SwinConfig
@@ -249,8 +250,6 @@ def _register() -> None:
     register_converter("hf-swin", convert_hf_swin, arch="swin", detect=detect_hf_swin,
                        description="Hugging Face SwinModel / SwinForImageClassification "
                                    "([swin.]encoder.layers...)")
-    from vptune.backbones import checkpoint
-
     checkpoint.HF_CONFIG_READERS.setdefault("swin", hf_swin_config)
     checkpoint.TIMM_CONFIG_READERS.setdefault("swin", timm_swin_config)
 

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vptune.backbones.base import Backbone, BlockInfo, ConfigDict, Preprocessing, Tokens, expand_prompts
+from vptune.backbones.registry import register_arch
 from vptune.backbones.vit import DropPath, Mlp
 from vptune.errors import VptuneError, check_choice
 
@@ -444,8 +445,6 @@ class SwinTransformer(Backbone):
 
 
 def _register() -> None:
-    from vptune.backbones.registry import register_arch
-
     register_arch("swin", SwinTransformer, SwinConfig, SWIN_CONFIGS)
 
 

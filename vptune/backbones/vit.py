@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vptune.backbones.base import Backbone, BlockInfo, ConfigDict, Preprocessing, Tokens, expand_prompts
+from vptune.backbones.registry import register_arch
 from vptune.errors import VptuneError, check_choice
 
 POOL_MODES = ("cls", "image_mean", "prompt_mean")
@@ -200,7 +201,7 @@ class VisionTransformer(Backbone):
         grid = (config.img_size // ps, config.img_size // ps)
         self.patch_embed = PatchEmbed(ps, 3, d)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + grid[0] * grid[1], d))
         self.pos_drop = nn.Dropout(config.drop_rate)
         dpr = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
         self.blocks = nn.ModuleList(
@@ -251,9 +252,9 @@ class VisionTransformer(Backbone):
         """Block i where the prompts only supply keys and values: their outputs would be replaced by
         the next block's prompts (VPT-deep), so they are not computed. Attention does not depend on the
         order of keys, so [CLS] and patch outputs equal the full ``[CLS, P, patches]`` computation."""
-        x, p_old = tokens.x, tokens.num_prompts
+        x, p_old, c = tokens.x, tokens.num_prompts, self.num_prefix_tokens
         if p_old:
-            x = torch.cat([x[:, :1], x[:, 1 + p_old:]], dim=1)  # (B, 1+N, d): drop stale prompt outputs
+            x = torch.cat([x[:, :c], x[:, c + p_old:]], dim=1)  # (B, 1+N, d): drop stale prompt outputs
         P = prompts.to(x.dtype)
         P = P.unsqueeze(0) if P.dim() == 2 else P  # (1 or B, p, d): K/V computed once when shared
         x = self.blocks[i](x, None, ffn_adapter, kv_prompts=P)
@@ -261,47 +262,47 @@ class VisionTransformer(Backbone):
 
     def _place_prompts(self, tokens: Tokens, prompts: Tensor, location: str,
                        prompt_replace: Tensor | None = None) -> Tokens:
-        x, p_old = tokens.x, tokens.num_prompts
+        x, p_old, c = tokens.x, tokens.num_prompts, self.num_prefix_tokens  # c: [CLS]
         P = expand_prompts(prompts.to(x.dtype), x.shape[0])  # (B, p, d)
         if location == "prepend":  # insert after [CLS], or overwrite the previous block's prompt outputs
             if prompt_replace is not None and p_old:  # per sample: replace (True) or let flow on (False)
                 if P.shape[1] != p_old:
                     raise VptuneError(f"prompt_replace needs as many prompts ({P.shape[1]}) as the sequence "
                                       f"holds ({p_old})")
-                P = torch.where(prompt_replace.view(-1, 1, 1), P, x[:, 1:1 + p_old])
-            x = torch.cat([x[:, :1], P, x[:, 1 + p_old:]], dim=1)  # (B, 1+p+N, d)
+                P = torch.where(prompt_replace.view(-1, 1, 1), P, x[:, c:c + p_old])
+            x = torch.cat([x[:, :c], P, x[:, c + p_old:]], dim=1)  # (B, 1+p+N, d)
             return replace(tokens, x=x, num_prompts=P.shape[1])
         if location == "add":  # add element-wise to the patch tokens; the sequence length stays
-            n = x.shape[1] - 1 - p_old
+            n = x.shape[1] - c - p_old
             if P.shape[1] != n:
                 raise VptuneError(f"location='add' needs one prompt per patch ({n}), got {P.shape[1]}")
             if prompt_replace is not None:  # per sample: add (True) or leave the patch tokens (False)
                 P = P * prompt_replace.view(-1, 1, 1).to(P.dtype)
-            return replace(tokens, x=torch.cat([x[:, :1 + p_old], x[:, 1 + p_old:] + P], dim=1))
+            return replace(tokens, x=torch.cat([x[:, :c + p_old], x[:, c + p_old:] + P], dim=1))
         raise VptuneError(f"unknown prompt location {location!r}; valid choices: prepend, add")
 
-    @staticmethod
-    def _attn_mask(tokens: Tokens) -> Tensor | None:
+    def _attn_mask(self, tokens: Tokens) -> Tensor | None:
         """(B, 1, 1, N) bool key mask when some prompt slots are padding (mixed-length batches)."""
         if tokens.prompt_mask is None:
             return None
         B, N = tokens.x.shape[:2]
         keep = torch.ones(B, N, dtype=torch.bool, device=tokens.x.device)
-        keep[:, 1:1 + tokens.num_prompts] = tokens.prompt_mask
+        c = self.num_prefix_tokens
+        keep[:, c:c + tokens.num_prompts] = tokens.prompt_mask
         return keep[:, None, None, :]
 
     def pool(self, tokens: Tokens, mode: str | None = None) -> Tensor:
         mode = mode or self.config.global_pool
         check_choice("pool mode", mode, POOL_MODES)
-        x, p = self.norm(tokens.x), tokens.num_prompts
+        x, p, c = self.norm(tokens.x), tokens.num_prompts, self.num_prefix_tokens
         if mode == "cls":
             out = x[:, 0]
         elif mode == "image_mean":
-            out = x[:, 1 + p:].mean(dim=1)
+            out = x[:, c + p:].mean(dim=1)
         else:
             if p == 0:
                 raise VptuneError("pool mode 'prompt_mean' needs prompts, but the sequence holds none")
-            out = self._masked_prompt_mean(x[:, 1:1 + p], tokens.prompt_mask)
+            out = self._masked_prompt_mean(x[:, c:c + p], tokens.prompt_mask)
         return self.fc_norm(out)  # (B, d)
 
     @staticmethod
@@ -323,8 +324,6 @@ class VisionTransformer(Backbone):
 
 
 def _register() -> None:
-    from vptune.backbones.registry import register_arch
-
     register_arch("vit", VisionTransformer, ViTConfig, VIT_CONFIGS)
 
 

@@ -13,6 +13,7 @@ import importlib
 import sys
 
 from vptune.errors import VptuneError
+from vptune.version import __version__
 
 # Command modules, in the order they appear in --help. A module that is absent is skipped.
 COMMAND_MODULES = ("data", "train", "sweep", "serve", "demo")
@@ -24,8 +25,6 @@ def add_overrides_arg(p: argparse.ArgumentParser, help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vptune.version import __version__
-
     parser = argparse.ArgumentParser(
         prog="vptune", description="Visual Prompt Tuning (Jia et al., ECCV 2022) for frozen vision backbones."
     )

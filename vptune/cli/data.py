@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 
+from vptune.data import DataConfig, list_vtab_tasks
+from vptune.data.check import check_dataset, format_reports, raise_if_bad
+from vptune.data.mini_vtab import build_mini_vtab, procedural_sizes, write_procedural_task
+from vptune.data.vtab import vtab1k_from_class_folder
+from vptune.data.vtab_arrays import is_array_dataset, vtab1k_from_dataset
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``data`` command and its subcommands."""
@@ -60,9 +66,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _vtab1k(a: argparse.Namespace) -> int:
-    from vptune.data.vtab import vtab1k_from_class_folder
-    from vptune.data.vtab_arrays import is_array_dataset, vtab1k_from_dataset
-
     if is_array_dataset(a.src):
         path = vtab1k_from_dataset(a.src, a.out, a.seed, a.test_cap, a.task_name, a.train, a.val, a.force)
         print(f"wrote {path}")
@@ -74,8 +77,6 @@ def _vtab1k(a: argparse.Namespace) -> int:
 
 
 def _mini_vtab(a: argparse.Namespace) -> int:
-    from vptune.data.mini_vtab import build_mini_vtab
-
     done = build_mini_vtab(a.assets, a.out, a.seed, a.scale, a.tasks, a.workers, a.force)
     for t, path in done.items():
         print(f"{t}: {path}")
@@ -83,8 +84,6 @@ def _mini_vtab(a: argparse.Namespace) -> int:
 
 
 def _generate(a: argparse.Namespace) -> int:
-    from vptune.data.mini_vtab import procedural_sizes, write_procedural_task
-
     n_train, n_val, n_test = procedural_sizes(a.n)
     path = write_procedural_task(a.task, os.path.join(a.out, a.task), n_train, n_val, n_test, a.seed, a.size,
                                  a.workers, a.force)
@@ -93,9 +92,6 @@ def _generate(a: argparse.Namespace) -> int:
 
 
 def _check(a: argparse.Namespace) -> int:
-    from vptune.data import DataConfig
-    from vptune.data.check import check_dataset, format_reports, raise_if_bad
-
     fmt, reports = check_dataset(DataConfig(root=a.root, format=a.format), a.split, a.workers)
     print(format_reports(fmt, a.root, reports))
     raise_if_bad(a.root, reports)
@@ -103,8 +99,6 @@ def _check(a: argparse.Namespace) -> int:
 
 
 def _tasks(a: argparse.Namespace) -> int:
-    from vptune.data import list_vtab_tasks
-
     for name, (k, group) in list_vtab_tasks().items():
         print(f"{name:22s} {k:4d}  {group}")
     return 0

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from vptune.demo import DemoOptions, run_demo
+from vptune.errors import VptuneError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``demo`` command."""
@@ -31,9 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from vptune.demo import DemoOptions, run_demo
-    from vptune.errors import VptuneError
-
     if args.threads is not None and args.threads < 1:
         raise VptuneError(f"--threads must be >= 1, got {args.threads}")
     run_demo(DemoOptions(out=args.out, cache=args.cache, assets=args.assets, no_assets=args.no_assets,

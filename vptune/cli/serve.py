@@ -13,7 +13,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vptune.artifact import read_task_json
+from vptune.backbones import create_backbone
 from vptune.errors import VptuneError
+from vptune.export import export_onnx
+from vptune.multitask import MultiTaskModel
+from vptune.serve import ServeConfig, check_bind, resolve_token, run_server
 
 
 def register(sub: Any) -> None:
@@ -149,10 +154,6 @@ def _parse_options(specs: list[str]) -> dict[str, Any]:
 
 
 def build_multitask(args: argparse.Namespace) -> Any:
-    from vptune.artifact import read_task_json
-    from vptune.backbones import create_backbone
-    from vptune.multitask import MultiTaskModel
-
     tasks = _parse_tasks(args.task)
     if args.backbone is None and args.weights is None:
         raise VptuneError("give the backbone: --backbone NAME and/or --weights PATH")
@@ -183,7 +184,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     import torch
 
-    from vptune.serve import ServeConfig, check_bind, resolve_token, run_server
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -227,8 +227,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from vptune.export import export_onnx
-
     if not args.task:
         raise VptuneError("give at least one --task to export")
     mt = build_multitask(args)

@@ -8,6 +8,8 @@ import logging
 import sys
 
 from vptune.cli import add_overrides_arg
+from vptune.engine import sweep as sweep_engine  # looked up at call time (tests replace sweep_engine.Env)
+from vptune.engine.report import to_markdown, write_report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,9 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from vptune.engine.sweep import Env, load_sweep, run_sweep
-
-    spec = load_sweep(args.sweep, overrides=args.overrides)
+    spec = sweep_engine.load_sweep(args.sweep, overrides=args.overrides)
     if args.output:
         spec.output = args.output
     if args.quiet:
@@ -61,7 +61,7 @@ def _sweep(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = {"address": args.address, "gpus_per_run": args.gpus_per_run, "cpus_per_run": args.cpus_per_run,
                "max_retries": args.max_retries}
-    run_sweep(spec, backend=args.backend, env=Env(progress=not args.quiet), dry_run=args.dry_run,
+    sweep_engine.run_sweep(spec, backend=args.backend, env=sweep_engine.Env(progress=not args.quiet), dry_run=args.dry_run,
               overwrite_stale=args.overwrite_stale, log=lambda msg: print(msg, flush=True),
               backend_options=options, hours_per_run=args.hours_per_run)
     return 0
@@ -70,7 +70,6 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from vptune.engine.report import to_markdown, write_report
 
     out = args.out or str(Path(args.runs[0]) / "report")
     report, files = write_report(args.runs, out, plots=not args.no_plots)

@@ -17,7 +17,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vptune.artifact import atomic_write_json, read_task_json
+from vptune.backbones.registry import resolve
+from vptune.checks import coerce_fields
 from vptune.cli import add_overrides_arg
+from vptune.data import load_image
+from vptune.data.readers import _images_under
+from vptune.engine import load_config, run_training
+from vptune.engine.tasks import (
+    describe,
+    evaluate_task,
+    format_info,
+    load_task_model,
+    predict_files,
+    resolve_task_dir,
+    task_protocol,
+)
+from vptune.errors import VptuneError
+from vptune.methods.base import parse_method_name
 
 # plain flag -> dotted config key
 TRAIN_FLAGS = {
@@ -155,8 +172,6 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
 
 def check_config_file(path: str | None) -> None:
     """A ``--config`` that is missing, a folder or not UTF-8 text gets one clear line."""
-    from vptune.errors import VptuneError
-
     if path is None:
         return
     p = Path(path)
@@ -173,10 +188,6 @@ def preflight(cfg: Any) -> None:
     """Checks before anything heavy is loaded: the weights path exists, ``--output`` is not a file, and
     ``method.options`` / ``backbone.config`` values have their fields' types (converted in place, e.g.
     ``"8"`` -> 8; ``num_tokens=abc`` is refused naming the key)."""
-    from vptune.checks import coerce_fields
-    from vptune.errors import VptuneError
-    from vptune.methods.base import parse_method_name
-
     b = cfg.backbone
     if b.weights is not None and not Path(b.weights).exists():
         raise VptuneError(f"backbone weights {b.weights} do not exist (backbone.weights / --weights)")
@@ -185,15 +196,11 @@ def preflight(cfg: Any) -> None:
     cls, _ = parse_method_name(cfg.method.name)
     cfg.method.options = coerce_fields(cls.options_cls, cfg.method.options, "method.options")
     if b.name is not None and b.config:
-        from vptune.backbones.registry import resolve
-
         _, config = resolve(b.name)
         b.config = coerce_fields(type(config), b.config, "backbone.config")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vptune.engine import load_config, run_training
-
     check_config_file(args.config)
     cfg = load_config(args.config, train_overrides(args))
     preflight(cfg)
@@ -202,8 +209,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports (every process gets its summary)
         return 0
     if args.json:
-        from vptune.artifact import atomic_write_json
-
         atomic_write_json(Path(args.json), summary)
     if summary.get("status") == "diverged":
         print(f"{summary['diverged']} (recorded in {Path(cfg.output) / 'result.json'})", file=sys.stderr)
@@ -217,9 +222,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    from vptune.artifact import read_task_json
-    from vptune.engine.tasks import load_task_model, resolve_task_dir
-
     task = resolve_task_dir(args.task)
     meta = read_task_json(task)
     model = load_task_model(task, weights=args.weights, backbone_name=args.backbone, source=args.source)
@@ -227,8 +229,6 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vptune.engine.tasks import evaluate_task, task_protocol
-
     model, meta = _load_model(args)
     metrics = evaluate_task(model, args.data, args.split, data_format=args.format,
                             protocol=args.protocol or task_protocol(meta), batch_size=args.batch_size,
@@ -239,8 +239,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if acc is not None:
             print(f"  {name}: {acc:.2f}%")
     if args.json:
-        from vptune.artifact import atomic_write_json
-
         atomic_write_json(Path(args.json), {"task": str(args.task), "data": args.data, "split": args.split,
                                             "method": meta.get("method"), "label_names": model.label_names,
                                             **metrics})
@@ -248,9 +246,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from vptune.engine.tasks import predict_files, task_protocol
-    from vptune.errors import VptuneError
-
     if args.top_k < 1:
         raise VptuneError(f"--top-k must be >= 1, got {args.top_k}")
     paths = expand_image_args(args.images)
@@ -268,8 +263,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         tops = ", ".join(f"{t['label']} ({100 * t['prob']:.1f}%)" for t in r["top"])
         print(f"{r['path']}: {tops}")
     if args.json:
-        from vptune.artifact import atomic_write_json
-
         atomic_write_json(Path(args.json), results)
     if errors:
         raise VptuneError(f"{len(errors)} of {len(paths)} image(s) could not be read (listed above)")
@@ -278,9 +271,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def expand_image_args(items: list[str]) -> list[str]:
     """Image files as given, and for a folder every image file under it (sorted, hidden files skipped)."""
-    from vptune.data.readers import _images_under
-    from vptune.errors import VptuneError
-
     out: list[str] = []
     for item in items:
         if os.path.isdir(item):
@@ -297,9 +287,6 @@ def expand_image_args(items: list[str]) -> list[str]:
 
 def unreadable_images(paths: list[str]) -> dict[str, str]:
     """``{path: reason}`` of the files that do not decode (each is reported, the others still predicted)."""
-    from vptune.data import load_image
-    from vptune.errors import VptuneError
-
     errors = {}
     for p in paths:
         try:
@@ -310,8 +297,6 @@ def unreadable_images(paths: list[str]) -> dict[str, str]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from vptune.engine.tasks import describe, format_info
-
     info = describe(args.path)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0

@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vptune.backbones.base import Preprocessing
+from vptune.data.arrays import IdxReader, NpzReader
 from vptune.data.dataset import ImageDataset, scan_unreadable
 from vptune.data.hf_disk import HfDiskReader, is_hf_disk_folder
 from vptune.data.readers import (
     FORMATS,
     ClassFolderReader,
     FgvcReader,
-    IdxReader,
-    NpzReader,
     Reader,
     TFRecordReader,
     VtabReader,

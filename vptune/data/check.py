@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vptune.data import open_reader
 from vptune.data.dataset import scan_unreadable
 from vptune.errors import VptuneError
 
@@ -32,8 +33,6 @@ def check_dataset(cfg, splits: list[str] | None = None, workers: int = 2,
                   progress: bool = True) -> tuple[str, list[SplitReport]]:
     """Scan ``splits`` (default: all) of ``cfg.root``: returns ``(format, reports)``; raises nothing for
     bad images or labels (they are reported), only for a dataset that cannot be opened at all."""
-    from vptune.data import open_reader
-
     reader = open_reader(cfg)
     reports = []
     for split in splits or reader.splits:

@@ -20,8 +20,8 @@ import shutil
 import numpy as np
 from tqdm import tqdm
 
+from vptune.data.arrays import IdxReader
 from vptune.data.procedural import FAMILIES, PROCEDURAL_TASKS, family_of, generate_pool, task_class_names
-from vptune.data.readers import IdxReader
 from vptune.data.tasks import NATURAL, STRUCTURED
 from vptune.data.vtab import (
     Item,

@@ -9,14 +9,14 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from vptune.data import DataConfig, open_reader
+from vptune.data.hf_disk import is_hf_disk_folder
 from vptune.data.vtab import Item, draw_splits, is_complete, write_task
 from vptune.errors import VptuneError
 
 
 def is_array_dataset(src: str) -> bool:
     """Whether ``src`` is an ``.npz`` file or a Hugging Face ``save_to_disk`` folder."""
-    from vptune.data.hf_disk import is_hf_disk_folder
-
     return (os.path.isfile(src) and src.endswith(".npz")) or (os.path.isdir(src) and is_hf_disk_folder(src))
 
 
@@ -34,8 +34,6 @@ def vtab1k_from_dataset(src: str, out: str, seed: int = 0, test_cap: int | None 
 
     train800/val200 come from its ``trainval`` (else ``train``) split and test from its ``test`` split; a
     dataset without a test split is one pool (train, val, then test from the rest)."""
-    from vptune.data import DataConfig, open_reader
-
     reader = open_reader(DataConfig(root=src))
     name = task_name or os.path.splitext(os.path.basename(os.path.normpath(src)))[0]
     task_dir = os.path.join(out, name)

@@ -82,7 +82,11 @@ __all__ = ["DemoOptions", "default_cache_dir", "run_demo"]
 METHODS = ("linear", "full", "vpt-shallow", "vpt-deep")
 
 
+from vptune.demo import real, report, shapes
 from vptune.demo.options import DemoOptions, DownstreamRecipe
+from vptune.demo.pretrain import PretrainRecipe, pretrain
+from vptune.engine import run_training
+from vptune.engine.config import config_from_dict
 
 
 def default_cache_dir() -> Path:
@@ -108,8 +112,6 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     cache = Path(opts.cache) if opts.cache else default_cache_dir()
     try:
         if assets:
-            from vptune.demo import real
-
             plan = real.prepare(assets, opts, log)
         else:
             plan = _prepare_procedural(cache, opts, log)
@@ -128,9 +130,6 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ procedural plan
 
 def _prepare_procedural(cache: Path, opts: DemoOptions, log: Callable[[str], None]) -> dict[str, Any]:
-    from vptune.demo import shapes
-    from vptune.demo.pretrain import PretrainRecipe, pretrain
-
     if opts.quick:
         recipe = PretrainRecipe(embed_dim=32, depth=2, num_heads=2, n_train=640, n_val=128, epochs=1,
                                 batch_size=64, seed=opts.seed)
@@ -165,10 +164,6 @@ def _prepare_procedural(cache: Path, opts: DemoOptions, log: Callable[[str], Non
 
 def _adapt_and_report(plan: dict[str, Any], out: Path, opts: DemoOptions,
                       log: Callable[[str], None]) -> dict[str, Any]:
-    from vptune.demo import report
-    from vptune.engine import run_training
-    from vptune.engine.config import config_from_dict
-
     backbone, tasks, data, down = plan["backbone"], plan["tasks"], plan["data"], plan["recipe"]
     n_runs = len(tasks) * len(METHODS)
     log(f"\n[2/4] adapting the frozen backbone: {len(tasks)} tasks x {len(METHODS)} methods = {n_runs} runs "

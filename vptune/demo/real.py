@@ -25,6 +25,11 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from vptune.backbones import create_backbone
+from vptune.data.mini_vtab import find_datasets
+from vptune.data.transforms import build_transform, load_image
+from vptune.demo import shapes
+from vptune.demo.options import DownstreamRecipe
 from vptune.errors import VptuneError
 
 WEIGHTS = "vit_tiny_patch16_224.augreg_in21k_ft_in1k_ft_tinyimagenet"
@@ -41,8 +46,6 @@ def _pick(rng: np.random.Generator, files: list[Path], n: int) -> list[Path]:
 
 
 def _load(paths: list[Path], labels: list[int], transform: Callable) -> TensorDataset:
-    from vptune.data.transforms import load_image
-
     x = torch.stack([transform(load_image(p)) for p in paths])
     return TensorDataset(x, torch.tensor(labels, dtype=torch.int64))
 
@@ -67,12 +70,6 @@ def _folder_task(root: Path, classes: list[str], n_train: int, n_test: int, rng:
 
 
 def prepare(assets: str, opts: Any, log: Callable[[str], None]) -> dict[str, Any]:
-    from vptune.backbones import create_backbone
-    from vptune.data.mini_vtab import find_datasets
-    from vptune.data.transforms import build_transform
-    from vptune.demo import shapes
-    from vptune.demo.options import DownstreamRecipe
-
     weights = Path(assets) / "weights" / WEIGHTS
     if not weights.is_dir():
         raise VptuneError(f"{assets} has no weights/{WEIGHTS} folder (pass --no-assets for the procedural demo)")

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 from vptune.artifact import atomic_write_bytes
+from vptune.model import TunedModel
+from vptune.multitask import MultiTaskModel
 
 METHODS = ("linear", "full", "vpt-shallow", "vpt-deep")
 SHARED_METHODS = ("linear", "vpt-shallow", "vpt-deep")  # one backbone pass for all of them
@@ -127,9 +129,6 @@ def mixed_batch(backbone: Any, task_dirs: dict[str, dict[str, Path]], samples: d
     shared backbone, classify one batch that mixes images of several tasks (each image once per loaded
     method, all in one call), print the ``show`` method's rows, and compare every row with the task run
     alone (``TunedModel.from_pretrained``)."""
-    from vptune.model import TunedModel
-    from vptune.multitask import MultiTaskModel
-
     mt = MultiTaskModel(backbone)
     entries = []  # (task, method, name)
     for task, dirs in task_dirs.items():

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from vptune.engine.recipes import with_recipe
 from vptune.errors import VptuneError, check_choice
 
 OPTIMIZERS = ("auto", "paper", "sgd", "adamw")
@@ -166,8 +167,6 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 def config_from_dict(d: dict[str, Any] | None) -> TrainConfig:
     """Build a :class:`TrainConfig` from a nested dict; unknown keys and bad types raise VptuneError."""
-    from vptune.engine.recipes import with_recipe
-
     return _build(TrainConfig, with_recipe(d or {}), "")
 
 

@@ -29,7 +29,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vptune.artifact import atomic_write_bytes
+from vptune.data import DataConfig, open_split
+from vptune.engine.config import COSMETIC_KEYS, config_diff, config_to_dict, dump_config
+from vptune.engine.evaluate import MetricAccumulator, resolve_device
+from vptune.engine.optim import WarmupCosine, scaled_lr
+from vptune.engine.runfolder import (
+    CONFIG_FILE,
+    RESULT_FILE,
+    data_summary,
+    run_summary,
+    write_finished_run,
+)
+from vptune.engine.trainer import task_preprocessing
 from vptune.errors import VptuneError
+from vptune.methods.base import linear_head, parse_method_name
+from vptune.model import create_model, frozen_model
 
 FEATURES_FORMAT = "vptune-features-v1"
 
@@ -87,8 +102,6 @@ def lr_schedule(peaks: Sequence[float], recipe: HeadRecipe, steps_per_epoch: int
     ``peak * warmup_start_factor``, cosine to ``min_lr``, per iteration) over one parameter group per
     head, so the sweep and ``vptune train`` step exactly the same curve. ``get_last_lr()`` gives the
     heads' lrs at the current step; ``step()`` advances it."""
-    from vptune.engine.optim import WarmupCosine
-
     dummies = [torch.zeros(1, requires_grad=True) for _ in peaks]
     opt = torch.optim.SGD([{"params": [p], "lr": float(lr)} for p, lr in zip(dummies, peaks)], lr=0.0)
     return WarmupCosine(opt, total_steps=recipe.epochs * steps_per_epoch,
@@ -108,8 +121,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
 def init_head(in_dim: int, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
     """The linear head a run with ``seed`` starts from: ``torch.manual_seed(seed)`` then the method's
     head init (kaiming-normal weight, focal-prior bias; :func:`vptune.methods.base.linear_head`)."""
-    from vptune.methods.base import linear_head
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         head = linear_head(in_dim, num_classes)
@@ -214,8 +225,6 @@ def head_metrics(heads: Heads, x: Tensor, y: Tensor, num_classes: int, chunk: in
     """Each head's metric dict on features ``x`` (N, d), labels ``y`` (N,), exactly as the trainer's
     evaluation computes it (:class:`vptune.engine.evaluate.MetricAccumulator`: top1, top5, per_class,
     confusion, loss, n)."""
-    from vptune.engine.evaluate import MetricAccumulator
-
     accs = [MetricAccumulator(num_classes) for _ in range(heads.weight.shape[0])]
     for i in range(0, x.shape[0], chunk):
         logits = heads.logits(x[i:i + chunk])  # (G, n, C)
@@ -271,8 +280,6 @@ def feature_cache_path(cache_dir: str | Path, fingerprint: str, root: str, split
 def extract_features(backbone: Any, dataset: Any, device: torch.device, batch_size: int = 128,
                      num_workers: int = 0, progress: bool = False) -> Tensor:
     """The linear method's head input (the backbone's pooled final features) for every item, (N, d)."""
-    from vptune.model import frozen_model
-
     model = frozen_model(backbone)  # the one block loop, linear method: the probe's head input
     backbone.to(device).eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -320,8 +327,6 @@ def _read_cache(path: Path, meta: dict[str, str]) -> FeatureSet | None:
 def _write_cache(path: Path, fs: FeatureSet, meta: dict[str, str]) -> None:
     from safetensors.torch import save as save_bytes
 
-    from vptune.artifact import atomic_write_bytes
-
     tensors = {"features": fs.features.contiguous(), "labels": fs.labels, "indices": fs.indices}
     meta = {**meta, "num_classes": str(fs.num_classes), "class_names": json.dumps(fs.class_names)}
     atomic_write_bytes(path, save_bytes(tensors, metadata=meta))
@@ -336,8 +341,6 @@ def load_features(backbone: Any, data: Any, split: str, cache_dir: str | Path | 
     folder, split, protocol and input size) and is used only while the split lists the same items with
     the same labels (:func:`split_digest`)."""
     from dataclasses import replace
-
-    from vptune.data import open_split
 
     full = replace(data, fraction=1.0)
     size = int(full.input_size or backbone.preprocessing.input_size)
@@ -362,8 +365,6 @@ def training_rows(backbone: Any, data: Any, split: str, seed: int, full: Feature
     (the data layer's choice for that seed, so the same images as a separate run)."""
     if data.fraction >= 1.0:
         return full
-    from vptune.data import open_split
-
     ds = open_split(data, split, backbone.preprocessing, train=False, seed=seed)
     return full.select(ds.indices)
 
@@ -378,8 +379,6 @@ PASS_AXES = ("optim.base_lr", "optim.weight_decay", "runtime.seed", "output")
 
 def is_head_only(method: str) -> bool:
     """Whether a method name declares ``head_only`` (a linear head on frozen features, nothing else)."""
-    from vptune.methods.base import parse_method_name
-
     try:
         return bool(parse_method_name(method)[0].head_only)
     except VptuneError:
@@ -406,16 +405,12 @@ def one_pass_eligible(cfg: Any) -> str | None:
 
 
 def _data_config(cfg: Any) -> Any:
-    from vptune.data import DataConfig
-
     d = cfg.data
     return DataConfig(root=d.root, format=d.format, protocol=d.protocol, input_size=cfg.backbone.input_size,
                       num_workers=d.num_workers, skip_corrupt=d.skip_corrupt, fraction=d.fraction)
 
 
 def _check_same_pass(cfgs: Sequence[Any]) -> None:
-    from vptune.engine.config import COSMETIC_KEYS, config_diff, config_to_dict
-
     first = config_to_dict(cfgs[0])
     for cfg in cfgs[1:]:
         diff = config_diff(first, config_to_dict(cfg), ignore=PASS_AXES + tuple(COSMETIC_KEYS))
@@ -429,8 +424,6 @@ def train_linear_runs(cfgs: Sequence[Any], backbone: Any, cache_dir: str | Path 
     """Train the linear-probe runs ``cfgs`` (:class:`~vptune.engine.config.TrainConfig` s that differ
     only in base lr, weight decay, seed and output) in one pass on cached features, writing each run
     folder as the trainer would (``config.yaml``, ``task/``, then ``result.json``); returns the results."""
-    from vptune.engine.evaluate import resolve_device
-
     cfgs = list(cfgs)
     _check_same_pass(cfgs)
     why = one_pass_eligible(cfgs[0])
@@ -463,42 +456,21 @@ def train_linear_runs(cfgs: Sequence[Any], backbone: Any, cache_dir: str | Path 
 
 def _write_linear_run(cfg: Any, backbone: Any, weight: Tensor, bias: Tensor, train: FeatureSet,
                       metrics: dict[str, dict[str, Any]], wall: float, heads: int, n_train: int) -> dict[str, Any]:
-    from vptune.artifact import WEIGHTS, atomic_write_bytes, atomic_write_json
-    from vptune.engine import trainer as T
-    from vptune.engine.config import config_to_dict, dump_config
-    from vptune.engine.evaluate import brief
-    from vptune.engine.optim import scaled_lr
-    from vptune.model import create_model
-
+    """One run folder of the one-pass sweep, through the trainer's writer (:mod:`vptune.engine.runfolder`)."""
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / T.RESULT_FILE).unlink(missing_ok=True)
-    atomic_write_bytes(out / T.CONFIG_FILE, dump_config(cfg).encode())
+    (out / RESULT_FILE).unlink(missing_ok=True)
+    atomic_write_bytes(out / CONFIG_FILE, dump_config(cfg).encode())
     model = create_model(backbone, "linear", train.num_classes, label_names=train.class_names or None)
-    model.preprocessing = T.task_preprocessing(backbone, cfg.backbone.input_size)
+    model.preprocessing = task_preprocessing(backbone, cfg.backbone.input_size)
     with torch.no_grad():
         model.head.weight.copy_(weight)
         model.head.bias.copy_(bias)
     val, test = metrics.get("val"), metrics.get("test")
-    b, d = cfg.backbone, cfg.data
-    summary: dict[str, Any] = {
-        "status": "done", "val": val, "test": test, "epochs": cfg.optim.epochs, "epochs_planned": cfg.optim.epochs,
-        "steps": cfg.optim.epochs * HeadRecipe.from_optim(vars(cfg.optim)).steps_per_epoch(n_train),
-        "trainable_parameters": model.num_trainable_parameters(), "stored_bytes": None,
-        "backbone_parameters": model.num_backbone_parameters(), "method": model.method_name, "options": {},
-        "num_classes": model.num_classes, "optimizer": "sgd", "lr": scaled_lr(cfg.optim, model),
-        "backbone": {"name": b.name, "weights": str(Path(b.weights).resolve()) if b.weights else None,
-                     "source": b.source, "input_size": b.input_size, "config": dict(b.config),
-                     "sha256": backbone.fingerprint()},
-        "data": {"root": str(Path(d.root).resolve()), "format": d.format, "protocol": d.protocol,
-                 "train_split": d.train_split, "val_split": d.val_split, "test_split": d.test_split,
-                 "n_train": n_train, "n_val": val["n"] if val else 0, "n_test": test["n"] if test else 0},
-        "seed": cfg.runtime.seed, "device": "features", "precision": "fp32",
-        "config": config_to_dict(cfg), "wall_s": round(wall, 3),
-        "one_pass": {"heads": heads, "note": "trained by the one-pass linear sweep on cached features"},
-    }
-    model.save_pretrained(out / T.TASK_DIR, training={**summary, "val": brief(val), "test": brief(test)})
-    summary["stored_bytes"] = (out / T.TASK_DIR / WEIGHTS).stat().st_size
-    T.stamp_task_summary(out / T.TASK_DIR, summary["stored_bytes"])
-    atomic_write_json(out / T.RESULT_FILE, summary)
-    return summary
+    steps = cfg.optim.epochs * HeadRecipe.from_optim(vars(cfg.optim)).steps_per_epoch(n_train)
+    summary = run_summary(cfg, model, status="done", val=val, test=test, epochs=cfg.optim.epochs, steps=steps,
+                          optimizer="sgd", lr=scaled_lr(cfg.optim, model),
+                          data=data_summary(cfg, n_train, val["n"] if val else 0, test["n"] if test else 0),
+                          device="features", precision="fp32", wall=wall)
+    summary["one_pass"] = {"heads": heads, "note": "trained by the one-pass linear sweep on cached features"}
+    return write_finished_run(out, model, summary)

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vptune.engine.sweep_exec import Env
 from vptune.errors import VptuneError
 
 logger = logging.getLogger("vptune")
@@ -46,7 +47,6 @@ def execute_job(job: Any, spec: dict[str, Any], backbone: Any = None) -> list[st
     """Run one job on a Ray worker (also callable in-process); returns the folders it trained."""
     import torch
 
-    from vptune.engine.sweep_exec import Env
 
     torch.set_num_threads(max(1, int(spec.get("threads") or 1)))
     if spec.get("train_fn") is None and backbone is None:
@@ -101,10 +101,8 @@ class RayBackend:
             kwargs: dict[str, Any] = {"include_dashboard": False}
             if self.address:
                 kwargs["address"] = self.address
-                if self.ship_code:
-                    import vptune
-
-                    kwargs["runtime_env"] = {"py_modules": [str(Path(vptune.__file__).parent)]}
+                if self.ship_code:  # this package's folder (vptune/), shipped to the workers
+                    kwargs["runtime_env"] = {"py_modules": [str(Path(__file__).resolve().parents[1])]}
             else:
                 kwargs["address"] = "local"
             kwargs.update(self.init_kwargs)

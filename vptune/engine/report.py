@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vptune.data import detect_format, list_vtab_tasks
+from vptune.data.tasks import canonical_task
 from vptune.errors import VptuneError
 
 OTHER = "Other"
@@ -47,9 +49,6 @@ _FINAL_DIR = re.compile(r"^seed(?P<seed>-?\d+)(?:_frac(?P<frac>[0-9.e-]+))?$")
 
 def task_group(name: str) -> str:
     """The VTAB group of a task: the 19-task table (aliases included), then :data:`MINI_GROUPS`, else Other."""
-    from vptune.data import list_vtab_tasks
-    from vptune.data.tasks import canonical_task
-
     key = canonical_task(name)
     if key is not None:
         return list_vtab_tasks()[key][1]
@@ -58,9 +57,6 @@ def task_group(name: str) -> str:
 
 
 def _task_order(name: str) -> tuple[int, int, str]:
-    from vptune.data import list_vtab_tasks
-    from vptune.data.tasks import canonical_task
-
     order = list(list_vtab_tasks())
     key = canonical_task(name)
     return GROUP_ORDER.index(task_group(name)), order.index(key) if key else len(order), name
@@ -105,8 +101,6 @@ def data_format_of(result: dict[str, Any]) -> str:
     fmt = (result.get("data") or {}).get("format") or cfg_data.get("format") or "auto"
     root = (result.get("data") or {}).get("root") or cfg_data.get("root")
     if fmt == "auto" and root and Path(root).exists():
-        from vptune.data import detect_format
-
         try:
             fmt = detect_format(str(root))
         except VptuneError:
@@ -246,8 +240,6 @@ def build_report(records: Sequence[RunRecord]) -> Report:
     methods = sorted({m for _, m in cells}, key=_method_order)
     backbone = {m: max(r.backbone_parameters for r in records if r.method == m) for m in methods}
     summaries = {m: _summarise(m, [cells[(t, m)] for t in tasks if (t, m) in cells], backbone[m]) for m in methods}
-    from vptune.data.tasks import canonical_task
-
     all_vtab = len({canonical_task(t) for t in tasks} - {None}) == 19
     return Report(tasks, methods, cells, summaries, all_vtab)
 

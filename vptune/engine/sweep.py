@@ -2,8 +2,8 @@
 
 The protocol (VPT paper Sec. 4.1; REFERENCE.md "Training recipe", VTAB-1k protocol):
 
-1. **Grid.** Every setting of the grid axes -- base lr x weight decay, optionally prompt length (the method
-   option ``num_tokens``) and data fraction (the paper's data-scale study) -- trains on ``train800`` and
+1. **Grid.** Every setting of the grid axes -- base lr x weight decay, optionally the method's declared sweep axes (VPT: prompt
+   length ``num_tokens``) and data fraction (the paper's data-scale study) -- trains on ``train800`` and
    is scored on ``val200`` at its last epoch. Grid runs never open the test split.
 2. **Selection** (:func:`select_best`), per task, method and fraction: the highest val top-1. Ties (equal
    when rounded to 6 decimals) go to the smaller lr (the paper's rule), then to the smaller weight decay, then to the
@@ -16,7 +16,7 @@ The protocol (VPT paper Sec. 4.1; REFERENCE.md "Training recipe", VTAB-1k protoc
 A sweep is data (YAML, see :func:`~vptune.engine.sweep_spec.parse_sweep` and ``configs/sweeps/``) and its
 runs are idempotent by folder::
 
-    <output>/<task>/<method>/grid/lr{lr}_wd{wd}[_p{num_tokens}][_frac{fraction}]/   one grid run
+    <output>/<task>/<method>/grid/lr{lr}_wd{wd}[_p{num_tokens}...][_frac{fraction}]/   one grid run (one _{short}{value} per sweep axis)
     <output>/<task>/<method>/selection.json                                          every score, the choice
     <output>/<task>/<method>/final/seed{s}[_frac{fraction}]/                         one final run
 
@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vptune.artifact import atomic_write_json
+from vptune.engine.config import config_diff
 from vptune.engine.sweep_exec import Env, Job, LocalBackend, make_jobs  # noqa: F401
 from vptune.engine.sweep_plan import *
 from vptune.engine.sweep_plan import (  # noqa: F401
@@ -78,6 +80,7 @@ from vptune.engine.sweep_spec import (  # noqa: F401
     load_sweep,
     parse_sweep,
 )
+from vptune.engine.trainer import read_result
 from vptune.errors import VptuneError
 
 
@@ -91,9 +94,6 @@ class SweepOutcome:
 
 
 def _check_stale(runs: Sequence[Run], states: dict[Path, str], overwrite: bool) -> None:
-    from vptune.engine.config import config_diff
-    from vptune.engine.trainer import read_result
-
     stale = [r for r in runs if states[r.folder] == "stale"]
     if stale and not overwrite:
         diff = config_diff((read_result(stale[0].folder) or {}).get("config") or {}, stale[0].config)
@@ -146,7 +146,7 @@ def run_sweep(spec: SweepSpec, *, backend: str | None = None, env: Env | None = 
     finally:
         if callable(getattr(runner, "close", None)):
             runner.close()
-    log(format_summary(choices, final))
+    log(format_summary(choices, final, grid))
     if failures:
         raise _failed(spec, failures, log)
     (Path(spec.output) / FAILURES_FILE).unlink(missing_ok=True)
@@ -158,8 +158,6 @@ FAILURES_FILE = "failures.json"
 
 def _failed(spec: SweepSpec, failures: list[dict[str, Any]], log: Callable[[str], None]) -> VptuneError:
     """List failed jobs in ``<output>/failures.json`` and the log; the error that ends the sweep."""
-    from vptune.artifact import atomic_write_json
-
     path = Path(spec.output) / FAILURES_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, {"failures": failures, "note": "re-run the sweep to retry these; finished runs "

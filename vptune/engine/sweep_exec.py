@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from vptune.engine.config import config_diff, config_from_dict
+from vptune.engine.features import train_linear_runs
+from vptune.engine.runfolder import clear_run, read_run_config
 from vptune.engine.sweep_plan import Run, run_state
-from vptune.engine.trainer import build_backbone, clear_run, read_run_config, run_training
+from vptune.engine.trainer import build_backbone, run_training
 
 
 @dataclass
@@ -54,8 +56,6 @@ class Env:
             return
         cfgs = [config_from_dict(r.config) for r in runs]
         if runs[0].one_pass:
-            from vptune.engine.features import train_linear_runs
-
             for r in runs:
                 clear_run(r.folder)
             train_linear_runs(cfgs, self.backbone_for(cfgs[0]), self.cache_dir, progress=self.progress)

@@ -2,8 +2,8 @@
 
 The protocol (VPT paper Sec. 4.1; REFERENCE.md "Training recipe", VTAB-1k protocol):
 
-1. **Grid.** Every setting of the grid axes -- base lr x weight decay, optionally prompt length (the method
-   option ``num_tokens``) and data fraction (the paper's data-scale study) -- trains on ``train800`` and
+1. **Grid.** Every setting of the grid axes -- base lr x weight decay, optionally the method's declared sweep axes (VPT: prompt
+   length ``num_tokens``) and data fraction (the paper's data-scale study) -- trains on ``train800`` and
    is scored on ``val200`` at its last epoch. Grid runs never open the test split.
 2. **Selection** (:func:`select_best`), per task, method and fraction: the highest val top-1. Ties (equal
    when rounded to 6 decimals) go to the smaller lr (the paper's rule), then to the smaller weight decay, then to the
@@ -16,7 +16,7 @@ The protocol (VPT paper Sec. 4.1; REFERENCE.md "Training recipe", VTAB-1k protoc
 A sweep is data (YAML, see :func:`~vptune.engine.sweep_spec.parse_sweep` and ``configs/sweeps/``) and its
 runs are idempotent by folder::
 
-    <output>/<task>/<method>/grid/lr{lr}_wd{wd}[_p{num_tokens}][_frac{fraction}]/   one grid run
+    <output>/<task>/<method>/grid/lr{lr}_wd{wd}[_p{num_tokens}...][_frac{fraction}]/   one grid run (one _{short}{value} per sweep axis)
     <output>/<task>/<method>/selection.json                                          every score, the choice
     <output>/<task>/<method>/final/seed{s}[_frac{fraction}]/                         one final run
 
@@ -29,21 +29,27 @@ are listed in ``<output>/failures.json`` and end the sweep with an error once th
 
 from __future__ import annotations
 
+import itertools
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vptune.artifact import atomic_write_json
+from vptune.backbones.base import Preprocessing
+from vptune.data import DataConfig, open_split
 from vptune.engine.config import config_diff, config_from_dict, config_to_dict, validate_config
 from vptune.engine.features import is_head_only, one_pass_eligible
+from vptune.engine.runfolder import CONFIG_FILE, read_result
 from vptune.engine.sweep_spec import MethodSpec, SweepSpec, TaskSpec, _deep_merge
-from vptune.engine.trainer import CONFIG_FILE, read_result
 from vptune.errors import VptuneError
 
 SELECTION_FILE = "selection.json"
 SELECTION_RULE = ("highest val top-1 at the last epoch; ties (equal to 6 decimals) -> smaller lr, then smaller "
-                  "weight decay, then fewer prompt tokens; the test split is never used")
+                  "weight decay, then smaller values of the method's sweep axes in its declared order (VPT: fewer "
+                  "prompt tokens); the test split is never used")
 DIVERGED = "diverged"  # result.json status of a run whose loss exploded: a failed grid point, never selected
 TIE_DIGITS = 6  # val top-1 (percent) equal to 6 decimals is a tie
 
@@ -64,7 +70,7 @@ class Run:
     config: dict[str, Any]
     lr: float
     wd: float
-    num_tokens: int | None
+    axes: tuple[tuple[str, Any], ...]  # (option, value) of the method's sweep axes, in its declared order
     fraction: float
     seed: int
     one_pass: bool = False  # trained by the one-pass linear sweep
@@ -75,10 +81,11 @@ def fmt(v: float) -> str:
     return format(float(v), "g") if not isinstance(v, int) else str(v)
 
 
-def grid_folder(lr: float, wd: float, num_tokens: int | None = None, fraction: float = 1.0) -> str:
-    """``lr{lr}_wd{wd}[_p{num_tokens}][_frac{fraction}]`` (``_p`` only with a num_tokens axis)."""
+def grid_folder(lr: float, wd: float, axes: dict[str, Any] | None = None, fraction: float = 1.0) -> str:
+    """``lr{lr}_wd{wd}[_{short}{value}...][_frac{fraction}]``: ``axes`` maps each sweep axis's short name
+    (the method's ``sweep_axis_names``; VPT's num_tokens is ``p``) to its value."""
     name = f"lr{fmt(lr)}_wd{fmt(wd)}"
-    name += f"_p{num_tokens}" if num_tokens is not None else ""
+    name += "".join(f"_{short}{fmt(v) if isinstance(v, float) else v}" for short, v in (axes or {}).items())
     return name + (f"_frac{fmt(fraction)}" if fraction != 1.0 else "")
 
 
@@ -87,12 +94,12 @@ def final_folder(seed: int, fraction: float = 1.0) -> str:
 
 
 def run_config(spec: SweepSpec, task: TaskSpec, method: MethodSpec, *, stage: str, lr: float, wd: float,
-               num_tokens: int | None, fraction: float, seed: int, folder: Path) -> dict[str, Any]:
+               axes: dict[str, Any], fraction: float, seed: int, folder: Path) -> dict[str, Any]:
     """The full train config of one run: base, the method's overrides, the task's data, the grid point
     and the stage's splits (grid: fit/select, no test; final: final/test, no validation)."""
 
     cfg = _deep_merge(spec.base, method.config)
-    options = {**method.options, **({"num_tokens": num_tokens} if num_tokens is not None else {})}
+    options = {**method.options, **axes}
     cfg["method"] = {"name": method.name, "options": options}
     cfg["data"].update(task.data)
     sp = spec.splits
@@ -117,10 +124,16 @@ def _one_pass(spec: SweepSpec, method: MethodSpec, config: dict[str, Any]) -> bo
 
 
 def _make_run(spec: SweepSpec, task: TaskSpec, method: MethodSpec, stage: str, folder: Path, lr: float,
-              wd: float, p: int | None, frac: float, seed: int) -> Run:
-    cfg = run_config(spec, task, method, stage=stage, lr=lr, wd=wd, num_tokens=p, fraction=frac, seed=seed,
+              wd: float, axes: tuple[tuple[str, Any], ...], frac: float, seed: int) -> Run:
+    cfg = run_config(spec, task, method, stage=stage, lr=lr, wd=wd, axes=dict(axes), fraction=frac, seed=seed,
                      folder=folder)
-    return Run(task.name, method.label, stage, folder, cfg, lr, wd, p, frac, seed, _one_pass(spec, method, cfg))
+    return Run(task.name, method.label, stage, folder, cfg, lr, wd, axes, frac, seed, _one_pass(spec, method, cfg))
+
+
+def axis_points(method: MethodSpec) -> list[tuple[tuple[str, Any], ...]]:
+    """Every setting of the method's sweep axes (one empty setting when it has none)."""
+    names = list(method.grid.axes)
+    return [tuple(zip(names, values)) for values in itertools.product(*(method.grid.axes[a] for a in names))]
 
 
 def method_dir(spec: SweepSpec, task: str, method: str) -> Path:
@@ -133,11 +146,12 @@ def plan_grid(spec: SweepSpec) -> list[Run]:
     for task in spec.tasks:
         for m in spec.methods:
             for frac in m.grid.fraction or [1.0]:
-                for p in m.grid.num_tokens or [None]:
+                for axes in axis_points(m):
+                    short = {m.axis_names.get(a, a): v for a, v in axes}
                     for lr in m.grid.lr or []:
                         for wd in m.grid.wd or []:
-                            folder = method_dir(spec, task.name, m.label) / "grid" / grid_folder(lr, wd, p, frac)
-                            runs.append(_make_run(spec, task, m, "grid", folder, lr, wd, p, frac, spec.grid_seed))
+                            folder = method_dir(spec, task.name, m.label) / "grid" / grid_folder(lr, wd, short, frac)
+                            runs.append(_make_run(spec, task, m, "grid", folder, lr, wd, axes, frac, spec.grid_seed))
     return runs
 
 
@@ -150,15 +164,13 @@ def plan_final(spec: SweepSpec, choices: dict[tuple[str, str, float], GridScore]
                 c = choices[(task.name, m.label, frac)]
                 for seed in spec.seeds:
                     folder = method_dir(spec, task.name, m.label) / "final" / final_folder(seed, frac)
-                    runs.append(_make_run(spec, task, m, "final", folder, c.lr, c.wd, c.num_tokens, frac, seed))
+                    runs.append(_make_run(spec, task, m, "final", folder, c.lr, c.wd, c.axes, frac, seed))
     return runs
 
 
 def run_state(run: Run) -> str:
     """``done`` (a result of this config), ``stale`` (a result of another config), ``partial`` (started,
     unfinished) or ``pending``."""
-    from vptune.engine.trainer import read_result
-
     result = read_result(run.folder)
     if result is not None and result.get("status") in ("done", "stopped", DIVERGED):
         return "stale" if config_diff(result.get("config") or {}, run.config) else "done"
@@ -176,19 +188,25 @@ class GridScore:
 
     lr: float
     wd: float
-    num_tokens: int | None
+    axes: tuple[tuple[str, Any], ...]  # (option, value) of the method's sweep axes, in its declared order
     fraction: float
     val_top1: float
     folder: str = ""
 
+    def axis(self, name: str) -> Any:
+        """The value of sweep axis ``name`` (None when the grid has no such axis)."""
+        return dict(self.axes).get(name)
+
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """lr, wd, one key per sweep axis (``num_tokens``), fraction, val_top1, folder."""
+        return {"lr": self.lr, "wd": self.wd, **dict(self.axes), "fraction": self.fraction,
+                "val_top1": self.val_top1, "folder": self.folder}
 
 
-def selection_key(s: GridScore) -> tuple[float, float, float, int]:
+def selection_key(s: GridScore) -> tuple[Any, ...]:
     """Sort key, best first: highest val top-1 (to 6 decimals), then smaller lr, smaller weight decay,
-    fewer prompt tokens (see the module docstring)."""
-    return (-round(s.val_top1, TIE_DIGITS), s.lr, s.wd, s.num_tokens or 0)
+    smaller sweep-axis values in the method's order (see the module docstring)."""
+    return (-round(s.val_top1, TIE_DIGITS), s.lr, s.wd, *(v for _, v in s.axes))
 
 
 def select_best(scores: Sequence[GridScore]) -> GridScore:
@@ -206,13 +224,11 @@ def grid_score(run: Run) -> GridScore:
     if "top1" not in val:
         raise VptuneError(f"grid run {run.folder} has no validation result; selection needs val top-1 "
                           "(is splits.select set?)")
-    return GridScore(run.lr, run.wd, run.num_tokens, run.fraction, float(val["top1"]), str(run.folder))
+    return GridScore(run.lr, run.wd, run.axes, run.fraction, float(val["top1"]), str(run.folder))
 
 
 def select_all(spec: SweepSpec, grid: Sequence[Run]) -> dict[tuple[str, str, float], GridScore]:
     """Choose per (task, method, fraction) and write each ``<task>/<method>/selection.json``."""
-    from vptune.artifact import atomic_write_json
-
     groups: dict[tuple[str, str], list[GridScore]] = {}
     diverged: dict[tuple[str, str], list[str]] = {}
     for run in grid:
@@ -261,9 +277,6 @@ def _split_size(cache: dict[tuple, int], data: dict[str, Any], split: str, fract
     """Images in ``split`` of a task (lazy: labels only), at ``fraction`` for ``seed``."""
     key = (data["root"], data["format"], split, fraction, seed)
     if key not in cache:
-        from vptune.backbones.base import Preprocessing
-        from vptune.data import DataConfig, open_split
-
         dc = DataConfig(root=data["root"], format=data["format"], fraction=fraction, num_workers=0)
         cache[key] = len(open_split(dc, split, Preprocessing(), train=False, seed=seed))
     return cache[key]
@@ -366,12 +379,12 @@ def format_compute(est: CostEstimate, hours_per_run: float | None, gpus_per_run:
     return f"compute: {hours:.2f} run-hours on CPU, 0 GPU-hours (from {source})"
 
 
-def format_summary(choices: dict[tuple[str, str, float], GridScore], final: Sequence[Run]) -> str:
-    """One line per (task, method, fraction): the choice, its val top-1 and the final test top-1."""
-    import statistics
+def format_summary(choices: dict[tuple[str, str, float], GridScore], final: Sequence[Run],
+                   grid: Sequence[Run] = ()) -> str:
+    """One line per (task, method, fraction): the choice, its val top-1 and the final test top-1; then the
+    grid runs of ``grid`` that diverged (listed, never selected), each with its reason."""
 
-
-    lines = [f"{'task':<20} {'method':<14} {'frac':>5} {'lr':>7} {'wd':>7} {'p':>4} {'val':>7}  test top-1"]
+    lines = [f"{'task':<20} {'method':<14} {'frac':>5} {'lr':>7} {'wd':>7} {'axes':>14} {'val':>7}  test top-1"]
     for (task, method, frac), c in choices.items():
         tests = [float(((read_result(r.folder) or {}).get("test") or {}).get("top1", math.nan)) for r in final
                  if (r.task, r.method, r.fraction) == (task, method, frac)]
@@ -379,5 +392,15 @@ def format_summary(choices: dict[tuple[str, str, float], GridScore], final: Sequ
         sd = statistics.stdev(tests) if len(tests) > 1 else 0.0
         shown = f"{statistics.mean(tests):.2f} ± {sd:.2f} (n={len(tests)})" if tests else "-"
         lines.append(f"{task:<20} {method:<14} {fmt(frac):>5} {fmt(c.lr):>7} {fmt(c.wd):>7} "
-                     f"{c.num_tokens if c.num_tokens is not None else '-':>4} {c.val_top1:>7.2f}  {shown}")
-    return "\n".join(lines)
+                     f"{' '.join(f'{a}={v}' for a, v in c.axes) or '-':>14} {c.val_top1:>7.2f}  {shown}")
+    return "\n".join(lines + diverged_lines(grid))
+
+
+def diverged_lines(grid: Sequence[Run]) -> list[str]:
+    """The summary's list of diverged grid runs (``status: diverged`` in their result.json)."""
+    diverged = [(r, res) for r in grid if (res := read_result(r.folder) or {}).get("status") == DIVERGED]
+    if not diverged:
+        return []
+    lines = [f"{len(diverged)} grid run(s) diverged (status 'diverged' in result.json; never selected):"]
+    return lines + [f"  {r.task}/{r.method}/grid/{r.folder.name}: {res.get('diverged') or 'loss exploded'}"
+                    for r, res in diverged]

@@ -3,6 +3,8 @@ every key and option checked, and the paper's default grids (:mod:`vptune.engine
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -12,8 +14,18 @@ from typing import Any
 
 import yaml
 
+from vptune.engine.config import (
+    DataCfg,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_override,
+    set_dotted,
+    validate_config,
+)
 from vptune.engine.sweep_registry import check_backend
 from vptune.errors import VptuneError, check_choice
+from vptune.methods.base import METHODS, list_methods, parse_method_name, parse_options
 
 # The paper's grids (REFERENCE.md "Training recipe"): base lr for SGD methods (prompts, linear, MLP,
 # sidetune), base lr for AdamW methods (full, partial, bias, adapter), and weight decay.
@@ -24,7 +36,8 @@ DEFAULT_WDS = (0.0001, 0.01)  # vptune's recipe: the lr decides far more than th
 
 TOP_KEYS = ("name", "base", "overrides", "output", "tasks", "methods", "grid", "seeds", "grid_seed", "splits",
             "backend", "feature_cache", "linear_one_pass")
-GRID_AXES = ("lr", "wd", "num_tokens", "fraction")
+# the grid axes of every method; a method adds the options it declares as ``sweep_axes`` (VPT: num_tokens)
+GRID_AXES = ("lr", "wd", "fraction")
 TASKS_KEYS = ("root", "names", "data")
 TASK_KEYS = ("name", "root", "data")
 METHOD_KEYS = ("name", "label", "options", "grid", "config")
@@ -38,15 +51,17 @@ SPLIT_KEYS = ("fit", "select", "final", "test")
 
 @dataclass
 class GridSpec:
-    """Grid axes; None: not given (a method's grid falls back to the sweep's, then to the paper's)."""
+    """Grid axes; None: not given (a method's grid falls back to the sweep's, then to the paper's).
+    ``axes``: values of the method's own sweep axes (options it declares in ``sweep_axes``), by option name."""
 
     lr: list[float] | None = None
     wd: list[float] | None = None
-    num_tokens: list[int] | None = None
     fraction: list[float] | None = None
+    axes: dict[str, list[Any]] = field(default_factory=dict)
 
     def merged(self, over: GridSpec) -> GridSpec:
-        return GridSpec(*(getattr(over, a) if getattr(over, a) is not None else getattr(self, a) for a in GRID_AXES))
+        pick = [getattr(over, a) if getattr(over, a) is not None else getattr(self, a) for a in GRID_AXES]
+        return GridSpec(*pick, axes={**self.axes, **over.axes})
 
 
 @dataclass
@@ -61,8 +76,9 @@ class MethodSpec:
     name: str  # a registered method (vptune.list_methods())
     label: str  # its folder name in the sweep
     options: dict[str, Any]
-    grid: GridSpec  # fully resolved: lr, wd, fraction set; num_tokens None or a list
+    grid: GridSpec  # fully resolved: lr, wd, fraction set; axes: the method's sweep axes given, in its order
     config: dict[str, Any] = field(default_factory=dict)  # train-config overrides for this method
+    axis_names: dict[str, str] = field(default_factory=dict)  # sweep axis -> its short name in folder names
 
 
 @dataclass
@@ -119,7 +135,7 @@ def parse_sweep(data: dict[str, Any], base_dir: str | Path = ".", overrides: Seq
     """Build a :class:`SweepSpec`: every key checked, every method and option validated (VptuneError
     listing the valid choices). Keys: base (train config: a path -- relative to the sweep file or the
     working folder -- or an inline mapping), overrides (``a.b=value`` for the base), output, tasks,
-    methods, grid (lr, wd, num_tokens, fraction), seeds (a count or a list), grid_seed, splits (fit,
+    methods, grid (lr, wd, fraction and the methods' sweep axes, e.g. num_tokens), seeds (a count or a list), grid_seed, splits (fit,
     select, final, test), backend, feature_cache, linear_one_pass (auto | on | off)."""
     _check_keys("the sweep", data, TOP_KEYS)
     for key in ("base", "tasks", "methods"):
@@ -128,7 +144,7 @@ def parse_sweep(data: dict[str, Any], base_dir: str | Path = ".", overrides: Seq
     own = data.get("overrides") or []
     own = [str(o) for o in _as_list(own, "overrides")] if own else []
     base = _load_base(data["base"], Path(base_dir), own + list(overrides))
-    grid = _parse_grid(data.get("grid") or {}, "grid")
+    grid = _parse_grid(data.get("grid") or {}, "grid", _all_sweep_axes())
     methods = [_parse_method(m, i, grid, base) for i, m in enumerate(_as_list(data["methods"], "methods"))]
     _unique([m.label for m in methods], "method label")
     tasks = _parse_tasks(data["tasks"])
@@ -145,15 +161,6 @@ def parse_sweep(data: dict[str, Any], base_dir: str | Path = ".", overrides: Seq
 
 
 def _load_base(value: Any, base_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    from vptune.engine.config import (
-        config_from_dict,
-        config_to_dict,
-        load_config,
-        parse_override,
-        set_dotted,
-        validate_config,
-    )
-
     if isinstance(value, str):
         path = base_dir / value if (base_dir / value).is_file() else Path(value)
         return config_to_dict(load_config(path, overrides))
@@ -187,50 +194,75 @@ def _int(v: Any, where: str) -> int:
     return int(v)
 
 
-def _parse_grid(data: Any, where: str) -> GridSpec:
-    _check_keys(where, data, GRID_AXES)
-    axes: dict[str, Any] = {}
+def _parse_grid(data: Any, where: str, axes: Sequence[str]) -> GridSpec:
+    """lr, wd and fraction (numbers, checked here) and the sweep axes ``axes`` (values checked by the
+    method's options when the grid meets its method)."""
+    _check_keys(where, data, ("lr", "wd", *axes, "fraction"))
+    out: dict[str, Any] = {"axes": {}}
     for axis, raw in data.items():
         values = []
         for v in _as_list(raw, f"{where}.{axis}"):
-            if axis == "num_tokens":
-                v = _int(v, f"{where}.num_tokens")
-                ok = v >= 1
-            else:
-                if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-                    raise VptuneError(f"{where}.{axis} values must be numbers, got {v!r}")
-                try:
-                    v = float(v)
-                except ValueError:
-                    raise VptuneError(f"{where}.{axis} values must be numbers, got {v!r}") from None
-                ok = {"lr": v > 0, "wd": v >= 0, "fraction": 0 < v <= 1}[axis] and math.isfinite(v)
-            if not ok:
-                rule = {"lr": "> 0", "wd": ">= 0", "fraction": "in (0, 1]", "num_tokens": ">= 1"}[axis]
-                raise VptuneError(f"{where}.{axis} values must be {rule}, got {v!r}")
+            v = _grid_number(v, axis, where) if axis in GRID_AXES else _grid_option(v, axis, where)
             if v not in values:
                 values.append(v)
-        axes[axis] = values
-    return GridSpec(**axes)
+        if axis in GRID_AXES:
+            out[axis] = values
+        else:
+            out["axes"][axis] = values
+    return GridSpec(**out)
+
+
+def _grid_number(v: Any, axis: str, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise VptuneError(f"{where}.{axis} values must be numbers, got {v!r}")
+    try:
+        v = float(v)
+    except ValueError:
+        raise VptuneError(f"{where}.{axis} values must be numbers, got {v!r}") from None
+    if not ({"lr": v > 0, "wd": v >= 0, "fraction": 0 < v <= 1}[axis] and math.isfinite(v)):
+        rule = {"lr": "> 0", "wd": ">= 0", "fraction": "in (0, 1]"}[axis]
+        raise VptuneError(f"{where}.{axis} values must be {rule}, got {v!r}")
+    return v
+
+
+def _grid_option(v: Any, axis: str, where: str) -> Any:
+    if not isinstance(v, (bool, int, float, str)):
+        raise VptuneError(f"{where}.{axis} values must be numbers or strings (option values), got {v!r}")
+    return v
+
+
+def _all_sweep_axes() -> list[str]:
+    """Every registered method's sweep axes, each once (the keys a sweep-wide grid may give)."""
+    out: list[str] = []
+    for cls in METHODS.values():
+        out += [a for a in cls.sweep_axes if a not in out]
+    return out
+
+
+def _check_axes(mgrid: GridSpec, cls: type, name: str, options: dict[str, Any], implied: dict[str, Any]) -> None:
+    """Only the method's declared sweep axes, and every combination of their values a valid option set."""
+    for axis in mgrid.axes:
+        if axis not in cls.sweep_axes:
+            others = sorted(n for n, c in METHODS.items() if axis in c.sweep_axes)
+            raise VptuneError(f"grid axis {axis} is not a sweep axis of method {name!r} (its grid axes: lr, wd, "
+                              f"{''.join(a + ', ' for a in cls.sweep_axes)}fraction); methods with a {axis} "
+                              f"axis: {', '.join(others) or 'none'}")
+    names = list(mgrid.axes)
+    for values in itertools.product(*(mgrid.axes[a] for a in names)):
+        parse_options(cls, {**options, **implied, **dict(zip(names, values))})
 
 
 def _parse_method(entry: Any, i: int, grid: GridSpec, base: dict[str, Any]) -> MethodSpec:
-    from vptune.engine.config import config_from_dict
-    from vptune.methods.base import parse_method_name, parse_options
-
     entry = {"name": entry} if isinstance(entry, str) else entry
     _check_keys(f"methods[{i}]", entry, METHOD_KEYS)
     if "name" not in entry:
-        raise VptuneError(f"methods[{i}] has no name; valid methods: {', '.join(_methods())}")
+        raise VptuneError(f"methods[{i}] has no name; valid methods: {', '.join(list_methods())}")
     name = str(entry["name"])
     cls, implied = parse_method_name(name)
     inherited = base["method"]["options"] if base["method"]["name"] == name else {}
     options = {**inherited, **_check_keys(f"methods[{i}].options", entry.get("options") or {}, _option_names(cls))}
-    mgrid = grid.merged(_parse_grid(entry.get("grid") or {}, f"methods[{i}].grid"))
-    if mgrid.num_tokens and "num_tokens" not in _option_names(cls):
-        raise VptuneError(f"grid axis num_tokens applies to methods with a num_tokens option "
-                          f"({', '.join(_methods('num_tokens'))}), not {name!r}")
-    for p in mgrid.num_tokens or [None]:
-        parse_options(cls, {**options, **implied, **({"num_tokens": p} if p is not None else {})})
+    mgrid = grid.merged(_parse_grid(entry.get("grid") or {}, f"methods[{i}].grid", _all_sweep_axes()))
+    _check_axes(mgrid, cls, name, options, implied)
     config = entry.get("config") or {}
     merged = config_from_dict(_deep_merge(base, config))  # refuses unknown keys, listing the valid ones
     optimizer = {"auto": cls.optimizer, "paper": cls.paper_optimizer}.get(merged.optim.optimizer,
@@ -243,28 +275,17 @@ def _parse_method(entry: Any, i: int, grid: GridSpec, base: dict[str, Any]) -> M
     label = str(entry.get("label", name))
     if not label or "/" in label or label.startswith("."):
         raise VptuneError(f"methods[{i}].label {label!r} must be a plain folder name")
-    resolved = GridSpec(lrs, mgrid.wd or list(default_wds), mgrid.num_tokens, mgrid.fraction or [1.0])
-    return MethodSpec(name, label, options, resolved, config)
+    axes = {a: mgrid.axes[a] for a in cls.sweep_axes if a in mgrid.axes}  # in the method's declared order
+    resolved = GridSpec(lrs, mgrid.wd or list(default_wds), mgrid.fraction or [1.0], axes)
+    axis_names = {a: cls.sweep_axis_names.get(a, a) for a in axes}
+    return MethodSpec(name, label, options, resolved, config, axis_names)
 
 
 def _option_names(cls: type) -> list[str]:
-    import dataclasses
-
     return [f.name for f in dataclasses.fields(cls.options_cls)]
 
 
-def _methods(option: str | None = None) -> list[str]:
-    """Registered method names; with ``option``: those whose options include it."""
-    from vptune.methods.base import METHODS, list_methods
-
-    if option is None:
-        return list_methods()
-    return sorted(n for n, cls in METHODS.items() if option in _option_names(cls))
-
-
 def _parse_tasks(value: Any) -> list[TaskSpec]:
-    from vptune.engine.config import DataCfg
-
     data_keys = [k for k in DataCfg.__dataclass_fields__ if k != "root"]
     if isinstance(value, dict):
         _check_keys("tasks", value, TASKS_KEYS)

@@ -10,9 +10,13 @@ from typing import Any
 
 import torch
 
-from vptune.artifact import TASK_JSON, WEIGHTS, read_task_json
+from vptune.artifact import TASK_JSON, WEIGHTS, load_task, read_task_json
+from vptune.backbones import create_backbone, load_weights
+from vptune.backbones.registry import family_of
+from vptune.data import DataConfig, build_transform, load_image, open_split
 from vptune.engine.checkpoint import CHECKPOINT, load_checkpoint
 from vptune.engine.evaluate import evaluate, label_names_for, predict_topk, resolve_device
+from vptune.engine.runfolder import read_result, read_run_config
 from vptune.errors import VptuneError
 
 RUN_MARKERS = ("config.yaml", "result.json", CHECKPOINT)
@@ -33,13 +37,8 @@ def task_backbone(meta: dict[str, Any], weights: str | None = None, name: str | 
         raise VptuneError(f"backbone weights {weights} do not exist; pass --weights FILE_OR_FOLDER")
     source = source or recorded.get("source") or "auto"
     if name:
-        from vptune.backbones import create_backbone
-
         overrides = recorded.get("config", {}) if name == recorded.get("name") else {}
         return create_backbone(name, weights=weights, source=source, **overrides)
-    from vptune.backbones import load_weights
-    from vptune.backbones.registry import family_of
-
     ident = meta.get("backbone", {})
     family = family_of(str(ident.get("arch")))
     backbone = family.cls(family.config_cls.from_dict(dict(ident.get("config", {}))))
@@ -50,8 +49,6 @@ def task_backbone(meta: dict[str, Any], weights: str | None = None, name: str | 
 def load_task_model(task: str | Path, weights: str | None = None, backbone_name: str | None = None,
                     source: str | None = None, backbone: Any = None) -> Any:
     """A :class:`~vptune.model.TunedModel` from a task folder (or a run folder holding ``task/``)."""
-    from vptune.artifact import load_task
-
     task = resolve_task_dir(task)
     meta = read_task_json(task)
     if backbone is None:
@@ -77,8 +74,6 @@ def evaluate_task(model: Any, data_root: str, split: str = "test", *, data_forma
                   protocol: str = "vtab", batch_size: int = 64, num_workers: int = 2, device: str = "auto",
                   precision: str = "fp32") -> dict[str, Any]:
     """Metrics of a task model on one split of a dataset (see :func:`vptune.engine.evaluate.evaluate`)."""
-    from vptune.data import DataConfig, open_split
-
     dev = resolve_device(device)
     dc = DataConfig(root=data_root, format=data_format, protocol=protocol, num_workers=num_workers)
     ds = open_split(dc, split, model.preprocessing, train=False)
@@ -93,8 +88,6 @@ def evaluate_task(model: Any, data_root: str, split: str = "test", *, data_forma
 def predict_files(model: Any, paths: Sequence[str], *, k: int = 5, protocol: str = "vtab",
                   device: str = "auto", batch_size: int = 32) -> list[dict[str, Any]]:
     """Top-k ``{"label", "index", "prob"}`` predictions for each image file, in order."""
-    from vptune.data import build_transform, load_image
-
     dev = resolve_device(device)
     model.to(dev)
     transform = build_transform(model.preprocessing, protocol, train=False)
@@ -149,8 +142,6 @@ def describe_task(path: Path) -> dict[str, Any]:
 
 
 def describe_run(path: Path) -> dict[str, Any]:
-    from vptune.engine.trainer import read_result, read_run_config
-
     result, config = read_result(path), read_run_config(path) or {}
     planned = config.get("optim", {}).get("epochs")
     info: dict[str, Any] = {"kind": "run", "path": str(path), "method": config.get("method", {}).get("name"),

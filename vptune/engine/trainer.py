@@ -41,11 +41,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch.utils.data import Dataset
 
-from vptune.artifact import WEIGHTS, atomic_write_bytes, atomic_write_json
+from vptune.artifact import atomic_write_bytes, atomic_write_json
+from vptune.backbones import create_backbone
 from vptune.backbones.base import Backbone, Preprocessing
+from vptune.data import DataConfig, open_split
+from vptune.data.memory import in_memory
 from vptune.engine.checkpoint import (
     CHECKPOINT,
     load_checkpoint,
@@ -53,10 +55,9 @@ from vptune.engine.checkpoint import (
     save_checkpoint,
     seed_everything,
 )
-from vptune.engine.config import TrainConfig, config_diff, config_to_dict, dump_config, validate_config
+from vptune.engine.config import TrainConfig, config_to_dict, dump_config, validate_config
 from vptune.engine.evaluate import (
     autocast,
-    brief,
     check_precision,
     evaluate,
     make_loader,
@@ -64,17 +65,28 @@ from vptune.engine.evaluate import (
     resolve_precision,
 )
 from vptune.engine.optim import build_optimizer, build_scheduler, resolve_optimizer_name, scaled_lr
+from vptune.engine.recipes import IMAGENET_MEAN, IMAGENET_STD
+from vptune.engine.runfolder import (  # noqa: F401 -- the file names and read_result are re-exported
+    CONFIG_FILE,
+    METRICS_FILE,
+    RESULT_FILE,
+    RUN_FILES,
+    TASK_DIR,
+    TB_DIR,
+    data_summary,
+    prepare_output,
+    read_result,
+    run_summary,
+    truncate_metrics,
+    write_finished_run,
+)
 from vptune.engine.runlock import RunLock, StopOnInterrupt, TrainingInterrupted
 from vptune.errors import VptuneError
+from vptune.methods.base import parse_method_name, parse_options
+from vptune.model import create_model
 
 logger = logging.getLogger("vptune")
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-RESULT_FILE = "result.json"
-TASK_DIR = "task"
-TB_DIR = "tb"
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, RESULT_FILE, CHECKPOINT, TASK_DIR, TB_DIR)
 _TB_WARNED = False
 # (launched, run): multi-process launchers, registered by vptune.engine.distributed (which subclasses the
 # Trainer, so this module must not import it); ``vptune.engine`` imports it, so it is always registered.
@@ -122,8 +134,6 @@ def build_trainer(cfg: TrainConfig, device: torch.device, *, datasets: dict[str,
         raise VptuneError("no training data: datasets['train'] is missing or empty")
     num_classes, label_names = infer_classes(splits["train"], num_classes, label_names)
     seed_everything(cfg.runtime.seed)  # model init independent of how the data was opened
-    from vptune.model import create_model
-
     model = create_model(backbone, cfg.method.name, num_classes, label_names=label_names,
                          head_norm=cfg.method.head_norm, head_init=cfg.method.head_init, **cfg.method.options)
     model.preprocessing = prep
@@ -132,16 +142,12 @@ def build_trainer(cfg: TrainConfig, device: torch.device, *, datasets: dict[str,
 
 def check_method(cfg: TrainConfig) -> None:
     """Refuse an unknown method or option before any backbone or data is loaded (valid ones listed)."""
-    from vptune.methods.base import parse_method_name, parse_options
-
     cls, implied = parse_method_name(cfg.method.name)
     parse_options(cls, {**cfg.method.options, **implied})
 
 
 def build_backbone(cfg: TrainConfig) -> Backbone:
     """The backbone ``cfg.backbone`` names (a registered name and/or a weights file or folder)."""
-    from vptune.backbones import create_backbone
-
     b = cfg.backbone
     if b.weights is None:
         if b.name is None:
@@ -156,8 +162,6 @@ def task_preprocessing(backbone: Backbone, input_size: int | None, normalize: st
     """The task's preprocessing: the backbone's, with ``input_size`` when given (a multiple of the patch),
     ImageNet mean/std with ``normalize="imagenet"`` and TensorFlow's bilinear resize (no antialiasing)
     with ``antialias=False`` (both as the reference code; stored with the task, so serving matches)."""
-    from vptune.engine.recipes import IMAGENET_MEAN, IMAGENET_STD
-
     prep = copy.deepcopy(backbone.preprocessing)
     if normalize == "imagenet":
         prep.mean, prep.std = IMAGENET_MEAN, IMAGENET_STD
@@ -178,9 +182,6 @@ def task_preprocessing(backbone: Backbone, input_size: int | None, normalize: st
 def open_datasets(cfg: TrainConfig, prep: Preprocessing) -> dict[str, Dataset]:
     """Open the train (training transform), val and test splits of ``cfg.data``; splits whose transform
     is deterministic are decoded once per process and kept in memory (:mod:`vptune.data.memory`)."""
-    from vptune.data import DataConfig, open_split
-    from vptune.data.memory import in_memory
-
     d = cfg.data
     if not d.root:
         raise VptuneError("no dataset given: set data.root (--data FOLDER)")
@@ -208,64 +209,6 @@ def infer_classes(train: Dataset, num_classes: int | None,
         names = getattr(train, "class_names", None)
         label_names = list(names) if names and len(names) == num_classes else None
     return int(num_classes), label_names
-
-
-def read_result(out: str | Path) -> dict[str, Any] | None:
-    """The ``result.json`` of a run folder, or None when absent or unreadable."""
-    path = Path(out) / RESULT_FILE
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
-def read_run_config(out: str | Path) -> dict[str, Any] | None:
-    """The ``config.yaml`` of a run folder as a dict, or None when absent."""
-    path = Path(out) / CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise VptuneError(f"{path} is corrupt ({e}); pass --overwrite to start the run over") from None
-    return data if isinstance(data, dict) else {}
-
-
-def prepare_output(out: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """Decide what an existing run folder means: the stored result (same config, finished), go on
-    (new folder, ``resume`` or ``overwrite``), or a refusal naming what differs."""
-    if overwrite:
-        clear_run(out)
-        return None
-    old = read_run_config(out)
-    if old is None:
-        return None
-    diff = config_diff(old, config_to_dict(cfg))
-    result = read_result(out)
-    if not diff and result is not None and (result.get("status") == "done" or not resume):
-        return result
-    if resume:
-        if diff:
-            logger.warning("resuming %s with a changed config: %s", out, ", ".join(diff[:8]))
-        return None
-    if diff:
-        raise VptuneError(f"output folder {out} holds a run with a different config ({', '.join(diff[:8])} "
-                          "differ); pass --resume to continue it with this config, --overwrite to start "
-                          "over, or choose another --output")
-    if (out / CHECKPOINT).is_file():
-        raise VptuneError(f"output folder {out} holds an unfinished run of this config; pass --resume to "
-                          "continue it or --overwrite to start over")
-    return None
-
-
-def clear_run(out: Path) -> None:
-    """Delete the files a run writes (and nothing else) from ``out``."""
-    for name in RUN_FILES:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
 
 
 # ------------------------------------------------------------------------------------------ the trainer
@@ -556,39 +499,17 @@ class Trainer:
         summary = self.summary(val, test, completed, self.prior_wall + time.time() - t0)
         if not self.is_main:
             return summary
-        task_summary = {**summary, "val": brief(val), "test": brief(test)}
-        self.model.save_pretrained(self.out / TASK_DIR, training=task_summary)  # stored_bytes filled in there
-        summary["stored_bytes"] = (self.out / TASK_DIR / WEIGHTS).stat().st_size
-        atomic_write_json(self.out / RESULT_FILE, summary)
+        write_finished_run(self.out, self.model, summary)
         self._log_final(summary)
         return summary
 
     def summary(self, val: dict | None, test: dict | None, completed: bool, wall: float) -> dict[str, Any]:
         cfg, model = self.cfg, self.model
-        b = cfg.backbone
-        weights = str(Path(b.weights).resolve()) if b.weights else None
-        return {
-            "status": "done" if completed else "stopped",
-            "val": val, "test": test, "epochs": self.epoch, "epochs_planned": cfg.optim.epochs,
-            "steps": self.step,
-            "trainable_parameters": model.num_trainable_parameters(), "stored_bytes": None,
-            "backbone_parameters": model.num_backbone_parameters(), "method": model.method_name,
-            "options": model.method.option_dict(), "num_classes": model.num_classes,
-            "optimizer": resolve_optimizer_name(cfg.optim, model), "lr": scaled_lr(cfg.optim, model),
-            "backbone": {"name": b.name, "weights": weights, "source": b.source, "input_size": b.input_size,
-                         "config": dict(b.config), "sha256": model.backbone.fingerprint()},
-            "data": self.data_summary(),
-            "seed": cfg.runtime.seed, "device": str(self.device), "precision": self.precision,
-            "config": config_to_dict(cfg), "wall_s": round(wall, 3),
-        }
-
-    def data_summary(self) -> dict[str, Any]:
-        d = self.cfg.data
-        sizes = {k: len(ds) if ds is not None else 0 for k, ds in
-                 (("n_train", self.train_ds), ("n_val", self.val_ds), ("n_test", self.test_ds))}
-        root = str(Path(d.root).resolve()) if d.root else None
-        return {"root": root, "format": d.format, "protocol": d.protocol, "train_split": d.train_split,
-                "val_split": d.val_split, "test_split": d.test_split, **sizes}
+        sizes = [len(ds) if ds is not None else 0 for ds in (self.train_ds, self.val_ds, self.test_ds)]
+        return run_summary(cfg, model, status="done" if completed else "stopped", val=val, test=test,
+                           epochs=self.epoch, steps=self.step, optimizer=resolve_optimizer_name(cfg.optim, model),
+                           lr=scaled_lr(cfg.optim, model), data=data_summary(cfg, *sizes), device=str(self.device),
+                           precision=self.precision, wall=wall)
 
     def _log_final(self, summary: dict[str, Any]) -> None:
         parts = [f"{k} top-1 {summary[k]['top1']:.2f}%" for k in ("val", "test") if summary[k]]
@@ -600,28 +521,6 @@ class Trainer:
 
 class Diverged(VptuneError):
     """A run whose loss exploded or became non-finite: recorded as ``status: diverged``, not a crash."""
-
-
-def stamp_task_summary(task_dir: Path, stored_bytes: int) -> None:
-    """Add ``stored_bytes`` (known only once the weights are written) to task.json's training summary."""
-    path = task_dir / "task.json"
-    meta = json.loads(path.read_text())
-    meta.setdefault("training", {})["stored_bytes"] = stored_bytes
-    atomic_write_json(path, meta)
-
-
-def truncate_metrics(path: Path, epoch: int) -> None:
-    """Drop metric lines of epochs after ``epoch`` (written before an interruption, never checkpointed)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("epoch", 0) <= epoch:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue
-    atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
 
 def open_tensorboard(log_dir: Path, purge_step: int | None = None) -> Any:

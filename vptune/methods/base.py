@@ -104,6 +104,7 @@ class Method(nn.Module):
     no_decay_patterns: ClassVar[tuple[str, ...]] = ()  # anchored patterns: no weight decay
     head_only: ClassVar[bool] = False  # only a linear head trains, on the plain backbone's pooled features
     sweep_axes: ClassVar[tuple[str, ...]] = ()  # options a sweep grid may vary (e.g. VPT's num_tokens)
+    sweep_axis_names: ClassVar[dict[str, str]] = {}  # a sweep axis -> its short name in grid folder names
 
     def __init__(self, backbone: Backbone, options: Any) -> None:
         super().__init__()

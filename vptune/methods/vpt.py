@@ -62,6 +62,7 @@ class _VPT(Method):
     lr_grid: ClassVar[dict[str, tuple[float, ...]]] = {"adamw": (3e-3, 1e-2), "sgd": (0.005, 0.02)}
     lr_groups: ClassVar[dict[str, tuple[str, ...]]] = {"prompts": (r"^method\.prompts\.", r"^method\.project\.")}
     sweep_axes = ("num_tokens",)  # the paper's prompt-length search (Sec. 4.1)
+    sweep_axis_names: ClassVar[dict[str, str]] = {"num_tokens": "p"}  # grid folders lr{lr}_wd{wd}_p{num_tokens}
     deep: bool = False
 
     def __init__(self, backbone: Backbone, options: VPTOptions) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from vptune import __version__
+from vptune.data.transforms import PROTOCOLS, build_transform
 from vptune.multitask import MultiTaskModel, TaskEntry
 from vptune.serve.batcher import MicroBatcher
 from vptune.serve.guard import GuardMiddleware, _BodyTooLarge, error_body
@@ -30,8 +32,6 @@ logger = logging.getLogger("vptune.serve")
 
 def task_transform(entry: Any):  # -> Callable[[PIL.Image.Image], Tensor]
     """The evaluation transform of a task from its ``task.json`` preprocessing (and training protocol)."""
-    from vptune.data.transforms import PROTOCOLS, build_transform
-
     protocol = str((entry.meta.get("training") or {}).get("protocol", "vtab"))
     return build_transform(entry.preprocessing, protocol if protocol in PROTOCOLS else "vtab", train=False)
 
@@ -56,7 +56,6 @@ def create_app(model: MultiTaskModel, cfg: ServeConfig | None = None) -> Any:
     """The FastAPI app. The batching workers start and stop with the app's lifespan."""
     from fastapi import FastAPI
 
-    from vptune import __version__
 
     cfg = cfg or ServeConfig()
     cfg.validate()

@@ -9,6 +9,7 @@ import os
 
 from vptune.errors import VptuneError
 from vptune.multitask import MultiTaskModel
+from vptune.serve.app import create_app
 from vptune.serving_limits import ServeConfig
 
 TOKEN_ENV = "VPTUNE_API_TOKEN"
@@ -49,7 +50,6 @@ def run_server(
     """Serve ``model`` with uvicorn until interrupted (SIGINT/SIGTERM)."""
     import uvicorn
 
-    from vptune.serve.app import create_app
 
     check_bind(host, cfg)
     app = create_app(model, cfg)

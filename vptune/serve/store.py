@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vptune.artifact import load_task, read_task_json
 from vptune.errors import VptuneError
 from vptune.multitask import TASK_NAME, MultiTaskModel, TaskEntry
 from vptune.serving_limits import ApiError, ServeConfig, check_task_meta, check_task_model, task_bytes
@@ -166,8 +167,6 @@ class TaskStore:
 
     def _read(self, name: str, source: Path) -> tuple[Any, dict[str, Any], Any, int]:
         """Build and check the task; read again (up to 3 times) if its files change meanwhile."""
-        from vptune.artifact import load_task, read_task_json
-
         for _ in range(3):
             sig = folder_signature(source)
             if sig is None:

@@ -48,7 +48,7 @@ def test_every_sample_equals_its_task_alone(arch):
     for b, name in enumerate(names):
         with torch.no_grad():
             alone = mt.tasks[name].model(x[b:b + 1])[0]
-        torch.testing.assert_close(out[b], alone, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(out[b], alone, rtol=1e-5, atol=1e-5, msg=f"sample {b} task {name}")
     for name in ("lora2", "lora4_mlp", "dora", "ssf"):
         assert mt.tasks[name].shared and mt.tasks[name].taps
     # the per-sample taps matter: a LoRA sample differs from the plain backbone's logits

@@ -155,7 +155,8 @@ class Block(nn.Module):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, ffn_adapter: nn.Module | None = None,
                 kv_prompts: Tensor | None = None, taps: Taps | None = None) -> Tensor:
         kv = None if kv_prompts is None else self.norm1(kv_prompts)
-        x = x + self.drop_path(self.attn(tapped(self.norm1, x, taps, "norm1"), attn_mask, kv, taps))
+        h = tapped(self.norm1, x, taps, "norm1")  # taps go to attn only when some (a patched forward may take none)
+        x = x + self.drop_path(self.attn(h, attn_mask, kv, taps) if taps else self.attn(h, attn_mask, kv))
         h = self.mlp(tapped(self.norm2, x, taps, "norm2"), taps)
         if ffn_adapter is not None:  # Pfeiffer placement: adapter on the FFN output, inside the residual
             h = h + ffn_adapter(h)

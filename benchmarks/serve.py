@@ -10,6 +10,9 @@
 3. Many tasks (issue 15): ``--many-tasks`` (200) task folders behind one backbone, a uniform random task
    per request, all resident vs ``--max-resident`` (16) resident (least recently used, loaded on first
    use from the task root): throughput, p99, loads and evictions.
+4. Mixed batches beyond prompts (issue 14): ``--peft`` runs part 1 only, for K = 4 and 16 tasks cycled
+   over LoRA (r 8 and 4, MLP too), DoRA, SSF, VPT-deep/shallow and a linear probe (:data:`PEFT_CYCLE`),
+   one shared pass with per-sample taps against each task separately; results to ``serve_peft.json``.
 
     .venv/bin/python benchmarks/serve.py [--size 112] [--batch 32] [--requests 200] [--concurrency 8]
         [--many-tasks 200 --max-resident 16] [--skip-throughput] [--skip-http]
@@ -59,6 +62,19 @@ TASK_CYCLE = [
 ]
 
 
+# issue 14: (method, options) cycled over the K tasks of ``--peft``
+PEFT_CYCLE = [
+    ("lora", {"r": 8}),
+    ("ssf", {}),
+    ("vpt-deep", {"num_tokens": 10}),
+    ("lora", {"r": 4, "targets": [r"^attn\.", r"^mlp\."]}),
+    ("dora", {"r": 8}),
+    ("vpt-shallow", {"num_tokens": 5}),
+    ("linear", {}),
+    ("ssf", {}),
+]
+
+
 def weights_path() -> Path | None:
     root = os.environ.get("VPTUNE_ASSETS")
     if not root:
@@ -77,11 +93,15 @@ def make_backbone(size: int):
     return create_backbone("vit_tiny_patch16_224", input_size=size).eval(), "ViT-Ti/16 (random weights)"
 
 
-def make_tasks(backbone, root: Path, k: int) -> dict[str, Path]:
+def make_tasks(backbone, root: Path, k: int, peft: bool = False) -> dict[str, Path]:
     out = {}
     for j in range(k):
-        method, p = TASK_CYCLE[j % len(TASK_CYCLE)]
-        opts = {"num_tokens": p} if method.startswith("vpt") else {}
+        if peft:
+            method, opts = PEFT_CYCLE[j % len(PEFT_CYCLE)]
+            p = opts.get("num_tokens", opts.get("r", 0))
+        else:
+            method, p = TASK_CYCLE[j % len(TASK_CYCLE)]
+            opts = {"num_tokens": p} if method.startswith("vpt") else {}
         torch.manual_seed(100 + j)
         model = create_model(backbone, method, 10 + j, **opts)
         name = f"t{j:02d}_{method.replace('vpt-', '')}{p or ''}"
@@ -102,10 +122,10 @@ def bench_pair(fa, fb, reps: int) -> tuple[float, float]:
     return statistics.median(ta), statistics.median(tb)
 
 
-def throughput(backbone, root: Path, size: int, batch: int, reps: int) -> list[dict]:
+def throughput(backbone, root: Path, size: int, batch: int, reps: int, peft: bool = False) -> list[dict]:
     rows = []
-    for k in (1, 4, 16):
-        dirs = make_tasks(backbone, root / f"k{k}", k)
+    for k in (4, 16) if peft else (1, 4, 16):
+        dirs = make_tasks(backbone, root / f"k{k}", k, peft)
         mt = MultiTaskModel(backbone)
         for name, d in dirs.items():
             mt.add_task(name, d)
@@ -415,6 +435,8 @@ def main() -> None:
                     help="task folders for the many-task run (0: skip it)")
     ap.add_argument("--max-resident", type=int, default=16, help="resident tasks in the many-task run")
     ap.add_argument("--compute-workers", type=int, default=2)
+    ap.add_argument("--peft", action="store_true",
+                    help="issue 14: mixed LoRA/DoRA/SSF/prompt batches, K = 4 and 16 (part 1 only)")
     ap.add_argument("--child-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--tasks-dir", default="", help=argparse.SUPPRESS)
@@ -422,6 +444,10 @@ def main() -> None:
     if args.child_server:
         child_server(args)
         return
+    if args.peft:
+        args.skip_http = True
+        if args.out == str(ROOT / "benchmarks" / "results" / "serve.json"):
+            args.out = str(ROOT / "benchmarks" / "results" / "serve_peft.json")
 
     torch.set_num_threads(args.threads)
     command = " ".join([Path(sys.executable).name, *sys.argv])
@@ -445,11 +471,12 @@ def main() -> None:
     print(f"backbone: {desc}, input {args.size}x{args.size}\n", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        rows = [] if args.skip_throughput else throughput(backbone, root, args.size, args.batch, args.reps)
+        rows = [] if args.skip_throughput else throughput(backbone, root, args.size, args.batch, args.reps,
+                                                                args.peft)
         http = None if args.skip_http else http_load(args, root, backbone)
         many = many_tasks(args, root, backbone) if args.many_tasks and not args.skip_http else []
     env["commit"] = _commit()
-    result = {"env": env, "throughput": rows, "http": http, "many_tasks": many, "task_cycle": TASK_CYCLE}
+    result = {"env": env, "throughput": rows, "http": http, "many_tasks": many, "task_cycle": PEFT_CYCLE if args.peft else TASK_CYCLE}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print_tables(args, rows, http, many)

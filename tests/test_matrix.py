@@ -22,6 +22,7 @@ BACKBONES = {
                                                num_heads=(2, 4), window_size=4)),
 }
 METHODS = ["linear", "vpt-shallow", "vpt-deep", "full", "partial-1", "mlp-2", "sidetune", "bias", "adapter"]
+METHODS += ["lora", "dora", "ssf"]  # issue 14 (defaults: r=8 on attn.qkv and attn.proj)
 
 
 def _count(params) -> int:
@@ -45,6 +46,9 @@ def expected_count(backbone, method: str) -> int:
         "sidetune": None,
         "bias": _count(p for n, p in named.items() if n.endswith(".bias")),
         "adapter": sum(2 * b.dim * (b.dim // R) + b.dim // R + b.dim for b in infos),
+        "lora": sum(8 * (b.dim + 3 * b.dim) + 8 * (b.dim + b.dim) for b in infos),  # r (in + out), qkv and proj
+        "dora": sum(8 * 4 * b.dim + 3 * b.dim + 8 * 2 * b.dim + b.dim for b in infos),  # LoRA + m (out,)
+        "ssf": sum(2 * (7 * b.dim + int(4.0 * b.dim)) for b in infos),  # gamma, beta after 6 layers (mlp_ratio 4)
     }[method]
 
 

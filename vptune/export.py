@@ -85,7 +85,7 @@ def _check_exportable(entry: Any, backbone: Backbone) -> None:
             f"task {entry.name!r} ({entry.method}) trains backbone weights, so it cannot use the shared "
             "prompt graph; export only prompt, linear and mlp tasks (or serve it with PyTorch)"
         )
-    if not entry.shared:
+    if not entry.shared or entry.taps:
         raise VptuneError(
             f"task {entry.name!r} ({entry.method}) adds modules to the backbone, "
             "so it cannot use the shared prompt graph; export only prompt, linear and mlp tasks"

@@ -88,6 +88,8 @@ class TunedModel(nn.Module):
     def _run_block(self, i: int, tokens: Tokens, given: BlockInput) -> Tokens:
         kwargs = {"location": given.location, "ffn_adapter": given.ffn_adapter,
                   "prompt_replace": given.prompt_replace, "prompt_outputs": given.prompt_outputs}
+        if given.taps:  # only when some: backbones without taps keep working for every other method
+            kwargs["taps"] = given.taps
         if not self.gradient_checkpointing:
             return self.backbone.run_block(i, tokens, given.prompts, **kwargs)
         from torch.utils.checkpoint import checkpoint

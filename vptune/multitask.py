@@ -17,6 +17,11 @@ How a mixed batch runs (``forward``):
   sample's prompts flow on while a VPT-deep sample's are replaced. A masked key is never attended to, so
   every sample's logits equal those of its task run alone (up to float rounding). Each task's pooling
   mode and head are then applied to its own rows.
+* **Tap tasks** -- SSF, LoRA and DoRA (:mod:`vptune.methods.taps`) join the same shared pass: per
+  block and layer, the tasks' scale/shift vectors and low-rank A/B are stacked into tables (identity for
+  tasks without one, ranks zero-padded), gathered per sample and applied with batched matmuls, as
+  multi-LoRA servers do; so a LoRA sample beside an SSF sample and a VPT-deep sample each gets its task's
+  own logits (up to float rounding).
 * **Own-pass tasks** -- methods that change backbone weights (full, partial-k, bias; the task holds its
   own backbone copy), adapters, side-tuning and ``location='add'`` prompts -- run per task on their
   samples with the task's :class:`~vptune.model.TunedModel`.
@@ -53,6 +58,7 @@ from vptune.artifact import load_task, read_task_json
 from vptune.backbones.base import Backbone
 from vptune.errors import VptuneError
 from vptune.methods.mixed import MixedPrompts
+from vptune.methods.taps import MixedTaps, task_tap_tables
 from vptune.model import frozen_model
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -71,6 +77,7 @@ class TaskEntry:
     prompts: list[Tensor | None] = field(default_factory=list)  # per block: (p, d_i) or None
     num_prompts: int = 0
     pool_mode: str | None = None
+    taps: dict[int, dict[str, Any]] = field(default_factory=dict)  # block -> layer -> LayerUpdate (SSF, LoRA)
     uid: int = field(default_factory=lambda: next(_UIDS))
 
     @property
@@ -196,6 +203,7 @@ class MultiTaskModel:
                 entry.shared = False
             entry.num_prompts = max(lengths, default=0)
             entry.pool_mode = spec.pool_mode
+            entry.taps = dict(spec.taps)
         with self._lock:
             self._check_name(name, replace)  # again: another thread may have added it meanwhile
             self._tasks = {**self._tasks, name: entry}
@@ -293,7 +301,7 @@ class MultiTaskModel:
                 out[r] = lg
         return out  # type: ignore[return-value]
 
-    def _hooks(self, x: Tensor, entries: list[TaskEntry], modes: list[str | None]) -> MixedPrompts:
+    def _hooks(self, x: Tensor, entries: list[TaskEntry], modes: list[str | None]) -> MixedPrompts | MixedTaps:
         """The mixed-batch hooks of one shared pass: every sample's task prompts, padded."""
         uniq: list[TaskEntry] = []
         pos: dict[int, int] = {}
@@ -306,7 +314,25 @@ class MultiTaskModel:
         tables, has = self._prompt_tables(uniq, P, x.device, x.dtype)
         plen = torch.tensor([e.num_prompts for e in uniq], device=x.device)[tix]  # (B,)
         prompts = [None if t is None else t.index_select(0, tix) for t in tables]  # (B, P, d_i)
-        return MixedPrompts(prompts, [h.index_select(0, tix) for h in has], plen, modes)
+        hooks = MixedPrompts(prompts, [h.index_select(0, tix) for h in has], plen, modes)
+        if not any(e.taps for e in uniq):
+            return hooks
+        return MixedTaps(hooks, self._tap_tables(uniq, x), tix)
+
+    def _tap_tables(self, uniq: list[TaskEntry], x: Tensor) -> list[dict[str, tuple]]:
+        """Per block: layer -> the tasks' stacked scale/shift/A/B tables (cached like the prompt tables)."""
+        key = ("taps", tuple(e.uid for e in uniq), str(x.device), x.dtype)
+        with self._lock:
+            hit = self._tables.get(key)
+            if hit is not None:
+                self._tables.move_to_end(key)
+                return hit  # type: ignore[return-value]
+        tables = task_tap_tables([e.taps for e in uniq], self.backbone.num_blocks, x)
+        with self._lock:
+            self._tables[key] = tables  # type: ignore[assignment]
+            while len(self._tables) > self._table_cache:
+                self._tables.popitem(last=False)
+        return tables
 
     def _prompt_tables(
         self, uniq: list[TaskEntry], P: int, device: torch.device, dtype: torch.dtype

@@ -16,11 +16,19 @@ sequence holds (True) or are ignored so that this sample's prompts flow on (Fals
 beside VPT-deep ones). When the sequence holds no prompts yet, every sample's prompts are inserted and
 ``prompt_replace`` is ignored. ``prompt_replace=None`` means all True (the single-task rule above).
 With ``location='add'``, False leaves that sample's patch tokens unchanged.
+
+Taps (LoRA, DoRA, SSF): ``run_block(..., taps={name: tap})`` lets a method change the output of a named
+layer inside the block, ``y <- tap(module, x, y)`` (the signature of a torch forward hook), at the names
+:data:`TAP_NAMES` (the same names in ViT and Swin blocks: ``norm1, attn.qkv, attn.proj, norm2, mlp.fc1,
+mlp.fc2``). In a Swin block ``attn.qkv`` and ``attn.proj`` see the (B * nW, L, C) windows of the batch,
+ordered (B, nW), so a per-sample tap views them as (B, nW * L, C). ``taps=None`` (or empty) is the
+plain block, computed exactly as without taps.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -31,6 +39,22 @@ from vptune.errors import VptuneError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+Tap = Callable[[nn.Module, Tensor, Tensor], Tensor]  # (module, its input x, its output y) -> new y
+Taps = Mapping[str, Tap]
+LINEAR_TAPS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # the Linear layers of every block
+NORM_TAPS = ("norm1", "norm2")  # the LayerNorms of every block
+TAP_NAMES = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")  # in forward order
+
+
+def tapped(module: nn.Module, x: Tensor, taps: Taps | None, name: str) -> Tensor:
+    """``module(x)``, then the tap named ``name`` if ``taps`` holds one (see the module docstring)."""
+    y = module(x)
+    if taps:
+        tap = taps.get(name)
+        if tap is not None:
+            return tap(module, x, y)
+    return y
 
 
 class ConfigDict:
@@ -133,6 +157,7 @@ class Backbone(nn.Module):
         ffn_adapter: nn.Module | None = None,
         prompt_replace: Tensor | None = None,
         prompt_outputs: bool = True,
+        taps: Taps | None = None,
     ) -> Tokens:
         """Run block ``i``. ``prompts`` is (p, d) or (B, p, d); see the module docstring for the rule.
         ``location='add'`` adds (p == number of patches) prompts to the patch tokens instead.
@@ -141,7 +166,9 @@ class Backbone(nn.Module):
         docstring (mixed batches).
         ``prompt_outputs=False`` tells the backbone that nobody reads this block's prompt outputs (the
         next block replaces them and pooling ignores them), so it may skip computing them; the [CLS]
-        and patch outputs must be the same either way."""
+        and patch outputs must be the same either way.
+        ``taps``: name -> tap, applied to the outputs of the named layers of this block (see the module
+        docstring; a backbone that offers none refuses them)."""
         raise NotImplementedError
 
     def pool(self, tokens: Tokens, mode: str | None = None) -> Tensor:

@@ -49,7 +49,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vptune.backbones.base import Backbone, BlockInfo, ConfigDict, Preprocessing, Tokens, expand_prompts
+from vptune.backbones.base import (
+    Backbone,
+    BlockInfo,
+    ConfigDict,
+    Preprocessing,
+    Taps,
+    Tokens,
+    expand_prompts,
+    tapped,
+)
 from vptune.backbones.registry import register_arch
 from vptune.backbones.vit import DropPath, Mlp
 from vptune.errors import VptuneError, check_choice
@@ -161,10 +170,10 @@ class WindowAttention(nn.Module):
         return self.relative_position_bias_table[index.reshape(-1)].view(N, N, -1).permute(2, 0, 1)
 
     def forward(self, x: Tensor, batch: int, window: int, mask: Tensor | None, num_prompts: int,
-                key_pad: Tensor | None) -> Tensor:
+                key_pad: Tensor | None, taps: Taps | None = None) -> Tensor:
         BW, L, C = x.shape
         nW, h = BW // batch, self.num_heads
-        qkv = self.qkv(x).reshape(BW, L, 3, h, C // h).permute(2, 0, 3, 1, 4)
+        qkv = tapped(self.qkv, x, taps, "attn.qkv").reshape(BW, L, 3, h, C // h).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B*nW, heads, L, head_dim)
         bias = self.relative_bias(window).to(q.dtype)  # (heads, N, N)
         p = num_prompts
@@ -184,7 +193,7 @@ class WindowAttention(nn.Module):
                 attn_mask = attn_mask + pad[:, None, None, None, :]  # (B, nW, heads, L, L)
             q, k, v = (t.view(batch, nW, h, L, -1) for t in (q, k, v))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).view(BW, h, L, -1)
-        return self.proj(out.transpose(1, 2).reshape(BW, L, C))
+        return tapped(self.proj, out.transpose(1, 2).reshape(BW, L, C), taps, "attn.proj")
 
 
 class SwinBlock(nn.Module):
@@ -208,13 +217,13 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: Tensor, grid: tuple[int, int], prompts: Tensor | None = None,
                 prompt_mask: Tensor | None = None,
-                ffn_adapter: nn.Module | None = None) -> tuple[Tensor, Tensor | None]:
+                ffn_adapter: nn.Module | None = None, taps: Taps | None = None) -> tuple[Tensor, Tensor | None]:
         """x (B, H*W, C), prompts (B, p, C) or None -> the same shapes."""
         B, HW, C = x.shape
         H, W = grid
         p = 0 if prompts is None else prompts.shape[1]
         seq = x if prompts is None else torch.cat([prompts, x], dim=1)  # (B, p + HW, C)
-        normed = self.norm1(seq)
+        normed = tapped(self.norm1, seq, taps, "norm1")
         window, shift = self.window_and_shift(grid)
         img = normed[:, p:].view(B, H, W, C)
         pad_h, pad_w = (window - H % window) % window, (window - W % window) % window
@@ -232,14 +241,14 @@ class SwinBlock(nn.Module):
         key_pad = None
         if p and prompt_mask is not None:
             key_pad = torch.cat([~prompt_mask, prompt_mask.new_zeros(B, N)], dim=1)
-        out = self.attn(windows, B, window, mask, p, key_pad)  # (B*nW, p + N, C)
+        out = self.attn(windows, B, window, mask, p, key_pad, taps)  # (B*nW, p + N, C)
         img = window_reverse(out[:, p:], window, Hp, Wp)
         if shift:
             img = torch.roll(img, shifts=(shift, shift), dims=(1, 2))
         img = img[:, :H, :W].reshape(B, HW, C)
         attn_out = img if not p else torch.cat([out[:, :p].view(B, nW, p, C).mean(dim=1), img], dim=1)
         seq = seq + self.drop_path(attn_out)
-        h = self.mlp(self.norm2(seq))
+        h = self.mlp(tapped(self.norm2, seq, taps, "norm2"), taps)
         if ffn_adapter is not None:  # Pfeiffer placement: adapter on the FFN output, inside the residual
             h = h + ffn_adapter(h)
         seq = seq + self.drop_path(h)
@@ -352,7 +361,7 @@ class SwinTransformer(Backbone):
 
     def run_block(self, i: int, tokens: Tokens, prompts: Tensor | None = None, *, location: str = "prepend",
                   ffn_adapter: nn.Module | None = None, prompt_replace: Tensor | None = None,
-                  prompt_outputs: bool = True) -> Tokens:
+                  prompt_outputs: bool = True, taps: Taps | None = None) -> Tokens:
         # prompt_outputs=False (a hint that this block's prompt outputs will be discarded) is not used:
         # Swin's prompts are averaged over windows and may be carried through patch merging.
         if not 0 <= i < len(self._where):
@@ -377,7 +386,7 @@ class SwinTransformer(Backbone):
                 mask = keep if tokens.prompt_mask is None else tokens.prompt_mask & keep
                 tokens = replace(tokens, prompt_mask=mask.expand(-1, tokens.num_prompts))
         block = self.layers[s].blocks[b]
-        x, P = block(tokens.x, tokens.grid, tokens.prompts, tokens.prompt_mask, ffn_adapter)
+        x, P = block(tokens.x, tokens.grid, tokens.prompts, tokens.prompt_mask, ffn_adapter, taps)
         return replace(tokens, x=x, prompts=P)
 
     def _merge(self, s: int, tokens: Tokens, replacing: bool) -> Tokens:

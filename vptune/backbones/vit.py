@@ -15,7 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vptune.backbones.base import Backbone, BlockInfo, ConfigDict, Preprocessing, Tokens, expand_prompts
+from vptune.backbones.base import (
+    Backbone,
+    BlockInfo,
+    ConfigDict,
+    Preprocessing,
+    Taps,
+    Tokens,
+    expand_prompts,
+    tapped,
+)
 from vptune.backbones.registry import register_arch
 from vptune.errors import VptuneError, check_choice
 
@@ -88,11 +97,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, kv_extra: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, kv_extra: Tensor | None = None,
+                taps: Taps | None = None) -> Tensor:
         """``kv_extra`` ((1 or B), p, C), already normalised: extra tokens that are attended to but
         produce no output (VPT-deep prompts whose outputs the next block discards)."""
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = tapped(self.qkv, x, taps, "attn.qkv").reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
         if kv_extra is not None:
             w, b = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
@@ -101,7 +111,7 @@ class Attention(nn.Module):
             kv = kv.permute(2, 0, 3, 1, 4).expand(-1, B, -1, -1, -1)  # (2, B, heads, p, head_dim)
             k, v = torch.cat([k, kv[0]], dim=2), torch.cat([v, kv[1]], dim=2)  # (B, heads, N+p, hd)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, head_dim)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return tapped(self.proj, x.transpose(1, 2).reshape(B, N, C), taps, "attn.proj")
 
 
 class Mlp(nn.Module):
@@ -112,8 +122,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+    def forward(self, x: Tensor, taps: Taps | None = None) -> Tensor:
+        h = self.drop(self.act(tapped(self.fc1, x, taps, "mlp.fc1")))
+        return self.drop(tapped(self.fc2, h, taps, "mlp.fc2"))
 
 
 class DropPath(nn.Module):
@@ -143,10 +154,11 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, ffn_adapter: nn.Module | None = None,
-                kv_prompts: Tensor | None = None) -> Tensor:
+                kv_prompts: Tensor | None = None, taps: Taps | None = None) -> Tensor:
         kv = None if kv_prompts is None else self.norm1(kv_prompts)
-        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask, kv))
-        h = self.mlp(self.norm2(x))
+        h = tapped(self.norm1, x, taps, "norm1")  # taps go to attn only when some (a patched forward may take none)
+        x = x + self.drop_path(self.attn(h, attn_mask, kv, taps) if taps else self.attn(h, attn_mask, kv))
+        h = self.mlp(tapped(self.norm2, x, taps, "norm2"), taps)
         if ffn_adapter is not None:  # Pfeiffer placement: adapter on the FFN output, inside the residual
             h = h + ffn_adapter(h)
         return x + self.drop_path(h)
@@ -238,13 +250,13 @@ class VisionTransformer(Backbone):
 
     def run_block(self, i: int, tokens: Tokens, prompts: Tensor | None = None, *, location: str = "prepend",
                   ffn_adapter: nn.Module | None = None, prompt_replace: Tensor | None = None,
-                  prompt_outputs: bool = True) -> Tokens:
+                  prompt_outputs: bool = True, taps: Taps | None = None) -> Tokens:
         if prompts is not None and not prompt_outputs and location == "prepend" and prompt_replace is None \
-                and tokens.prompt_mask is None:
+                and tokens.prompt_mask is None and not taps:
             return self._run_block_kv_prompts(i, tokens, prompts, ffn_adapter)
         if prompts is not None:
             tokens = self._place_prompts(tokens, prompts, location, prompt_replace)
-        x = self.blocks[i](tokens.x, self._attn_mask(tokens), ffn_adapter)
+        x = self.blocks[i](tokens.x, self._attn_mask(tokens), ffn_adapter, taps=taps)
         return replace(tokens, x=x)
 
     def _run_block_kv_prompts(self, i: int, tokens: Tokens, prompts: Tensor,

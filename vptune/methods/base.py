@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Protocol
 
 from torch import Tensor, nn
 
-from vptune.backbones.base import Backbone, Tokens
+from vptune.backbones.base import Backbone, Taps, Tokens
 from vptune.errors import VptuneError, check_choice
 
 METHODS: dict[str, type[Method]] = {}
@@ -59,13 +59,16 @@ class BlockInput:
     prompts: (p, d_i) or (B, p, d_i) prompts to insert or replace, or None. location: 'prepend' or 'add'.
     ffn_adapter: an optional module mapping the FFN output h to h + adapter(h).
     prompt_replace: (B,) bool per sample, mixed batches only. prompt_outputs: False when nobody reads
-    this block's prompt outputs (the backbone may skip them)."""
+    this block's prompt outputs (the backbone may skip them).
+    taps: layer name -> tap changing that layer's output inside the block (LoRA, DoRA, SSF; see
+    :mod:`vptune.backbones.base`), or None."""
 
     prompts: Tensor | None = None
     location: str = "prepend"
     ffn_adapter: nn.Module | None = None
     prompt_replace: Tensor | None = None
     prompt_outputs: bool = True
+    taps: Taps | None = None
 
 
 class BlockHooks(Protocol):
@@ -81,10 +84,13 @@ class BlockHooks(Protocol):
 @dataclasses.dataclass
 class SharedPass:
     """How a task joins a mixed batch on a shared frozen backbone: per block its (p, d_i) prompts (None
-    where it places none; all None for a head-only task) and its pool mode (None: the backbone's)."""
+    where it places none; all None for a head-only task) and its pool mode (None: the backbone's).
+    ``taps``: block index -> layer name -> that layer's update (a :class:`vptune.methods.taps.LayerUpdate`:
+    per-channel scale/shift and/or a low-rank term), applied per sample in the shared pass (SSF, LoRA, DoRA)."""
 
     prompts: list[Tensor | None]
     pool_mode: str | None = None
+    taps: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 class Method(nn.Module):
@@ -130,9 +136,14 @@ class Method(nn.Module):
     def block_adapter(self, i: int) -> nn.Module | None:
         return None
 
+    def block_taps(self, i: int) -> Taps | None:
+        """Layer name -> tap for block ``i`` (LoRA, DoRA, SSF), or None."""
+        return None
+
     def block_input(self, i: int, tokens: Tokens, batch: int) -> tuple[Tokens, BlockInput]:
-        """The tokens block ``i`` runs on and what it receives (prompts, FFN adapter)."""
-        return tokens, BlockInput(prompts=self.block_prompts(i, batch), ffn_adapter=self.block_adapter(i))
+        """The tokens block ``i`` runs on and what it receives (prompts, FFN adapter, taps)."""
+        return tokens, BlockInput(prompts=self.block_prompts(i, batch), ffn_adapter=self.block_adapter(i),
+                                  taps=self.block_taps(i))
 
     def pool(self, backbone: Backbone, tokens: Tokens) -> Tensor:
         """The final tokens -> (B, num_features), the backbone's default pooling."""

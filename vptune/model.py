@@ -88,6 +88,9 @@ class TunedModel(nn.Module):
     def _run_block(self, i: int, tokens: Tokens, given: BlockInput) -> Tokens:
         kwargs = {"location": given.location, "ffn_adapter": given.ffn_adapter,
                   "prompt_replace": given.prompt_replace, "prompt_outputs": given.prompt_outputs}
+        for key in ("kv_prompts", "prompt_gate"):  # attention-level prompts (vpt-kv, gated): only when set
+            if getattr(given, key) is not None:
+                kwargs[key] = getattr(given, key)
         if not self.gradient_checkpointing:
             return self.backbone.run_block(i, tokens, given.prompts, **kwargs)
         from torch.utils.checkpoint import checkpoint

@@ -59,13 +59,18 @@ class BlockInput:
     prompts: (p, d_i) or (B, p, d_i) prompts to insert or replace, or None. location: 'prepend' or 'add'.
     ffn_adapter: an optional module mapping the FFN output h to h + adapter(h).
     prompt_replace: (B,) bool per sample, mixed batches only. prompt_outputs: False when nobody reads
-    this block's prompt outputs (the backbone may skip them)."""
+    this block's prompt outputs (the backbone may skip them).
+    kv_prompts: learned (keys, values), each (L, d_i), concatenated to K and V in the block's attention
+    (E2VPT). prompt_gate: a scalar in [0, 1]: how much the block changes the prompt tokens (gated prompts).
+    Both None by default (and then not passed to ``run_block``)."""
 
     prompts: Tensor | None = None
     location: str = "prepend"
     ffn_adapter: nn.Module | None = None
     prompt_replace: Tensor | None = None
     prompt_outputs: bool = True
+    kv_prompts: tuple[Tensor, Tensor] | None = None
+    prompt_gate: Tensor | None = None
 
 
 class BlockHooks(Protocol):

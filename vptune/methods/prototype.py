@@ -7,8 +7,8 @@ prototypes by k-means over the tokens and also studies cheaper samplings (random
 pooling). vptune implements the **k-means variant**: on a sample of training images (``PROTOTYPE_IMAGES``,
 drawn with a fixed seed) the frozen plain backbone runs once; the image tokens entering each prompted
 block (the [CLS]/prefix tokens left out) are subsampled to at most ``MAX_TOKENS`` and clustered into p
-centres by Lloyd's k-means (``KMEANS_ITERS`` iterations, initial centres p distinct tokens drawn with a
-fixed seed, an empty cluster keeps its centre). Nothing here draws from the global RNG, so a model's
+centres by Lloyd's k-means (``KMEANS_ITERS`` iterations from a k-means++ initialisation with a fixed
+seed; an empty cluster keeps its centre). Nothing here draws from the global RNG, so a model's
 other initialisation (head, other parameters) is the same as with ``init="uniform"``.
 
 :func:`init_from_dataset` is the trainer's hook: it runs once before training when the method asks for
@@ -69,13 +69,25 @@ def block_tokens(backbone: Backbone, images: Tensor, blocks: Sequence[int],
     return {i: torch.cat(seen[i])[:max_tokens] for i in blocks}
 
 
+def kmeans_plus_plus(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
+    """k initial centres by k-means++ (Arthur and Vassilvitskii, 2007): each next centre drawn with
+    probability proportional to its squared distance from the nearest centre so far."""
+    centres = [x[int(torch.randint(x.shape[0], (1,), generator=gen))]]
+    d2 = ((x - centres[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        j = int(torch.multinomial(d2 + 1e-12, 1, generator=gen)) if d2.sum() > 0 else len(centres)
+        centres.append(x[j])
+        d2 = torch.minimum(d2, ((x - x[j]) ** 2).sum(1))
+    return torch.stack(centres)
+
+
 def kmeans(x: Tensor, k: int, iters: int = KMEANS_ITERS, seed: int = SEED) -> Tensor:
-    """(n, d) points -> (k, d) Lloyd k-means centres (initial centres: k distinct points, seeded)."""
+    """(n, d) points -> (k, d) Lloyd k-means centres, k-means++ initialisation with a fixed seed."""
     n = x.shape[0]
     if n < k:
         raise VptuneError(f"init='prototype' needs at least {k} tokens per block, the sample gave {n}")
-    gen = torch.Generator().manual_seed(seed)
-    centres = x[torch.randperm(n, generator=gen)[:k]].clone()
+    x = x.float()
+    centres = kmeans_plus_plus(x, k, torch.Generator().manual_seed(seed))
     for _ in range(iters):
         assign = torch.cdist(x, centres).argmin(dim=1)  # (n,)
         sums = torch.zeros_like(centres).index_add_(0, assign, x)

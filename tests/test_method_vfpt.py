@@ -64,3 +64,25 @@ def test_trains_and_saves_bit_exact(arch, tmp_path):
 def test_bad_ratio_refused():
     with pytest.raises(VptuneError, match="fourier_ratio"):
         vptune.create_model(BACKBONES["vit"](), "vfpt", C, fourier_ratio=1.5)
+
+
+def test_mixed_batch_with_vpt_kv_and_gated_matches_each_task_alone(tmp_path):
+    """vfpt joins the shared pass (its transformed prompts); vpt-kv and gated run their own pass; every
+    sample's logits equal its task run alone (1e-5)."""
+    from vptune import MultiTaskModel
+
+    backbone = BACKBONES["vit"]()
+    models = {"vfpt": vptune.create_model(backbone, "vfpt", C, num_tokens=P),
+              "deep": vptune.create_model(backbone, "vpt-deep", C, num_tokens=2),
+              "kv": vptune.create_model(backbone, "vpt-kv", C, kv_tokens=2),
+              "gated": vptune.create_model(backbone, "gated", C, num_tokens=P)}
+    mt = MultiTaskModel(backbone)
+    for name, model in models.items():
+        model.eval().save_pretrained(tmp_path / name)
+        mt.add_task(name, tmp_path / name)
+    assert mt.tasks["vfpt"].shared and not mt.tasks["kv"].shared and not mt.tasks["gated"].shared
+    names = ["vfpt", "kv", "deep", "gated", "vfpt", "deep"]
+    x = torch.randn(len(names), 3, 32, 32)
+    out = mt(x, names)
+    for b, name in enumerate(names):
+        torch.testing.assert_close(out[b], models[name](x[b:b + 1])[0], atol=1e-5, rtol=1e-5)

@@ -159,7 +159,8 @@ class Block(nn.Module):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, ffn_adapter: nn.Module | None = None,
                 kv_prompts: Tensor | None = None, kv_learned: tuple[Tensor, Tensor] | None = None) -> Tensor:
         kv = None if kv_prompts is None else self.norm1(kv_prompts)
-        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask, kv, kv_learned))
+        extra = {} if kv_learned is None else {"kv_prompts": kv_learned}  # learned K/V (E2VPT): only when set
+        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask, kv, **extra))
         h = self.mlp(self.norm2(x))
         if ffn_adapter is not None:  # Pfeiffer placement: adapter on the FFN output, inside the residual
             h = h + ffn_adapter(h)

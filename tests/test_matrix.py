@@ -99,3 +99,41 @@ def test_family_sources_map_to_swin(tmp_path):
     assert loaded.load_report.source == "timm-swin"
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(loaded.eval()(x), backbone.eval()(x))
+
+
+# --- issue 14: VPT's successors (vpt-kv, vfpt, gated), same matrix -------------------------------------
+KV = 2  # key-value prompts per block
+SUCCESSORS = {"vpt-kv": {"num_tokens": P, "kv_tokens": KV}, "vfpt": {"num_tokens": P, "fourier_ratio": 0.5},
+              "gated": {"num_tokens": P}}
+
+
+def successor_count(backbone, method: str) -> int:
+    """Trainable parameters from the formulas: N*(2*L + p)*d (vpt-kv), N*p*d (vfpt), p*d_0 + N (gated)."""
+    dims = [b.dim for b in backbone.block_infos()]
+    head = (backbone.num_features + 1) * C
+    return head + {"vpt-kv": sum((2 * KV + P) * d for d in dims), "vfpt": P * sum(dims),
+                   "gated": P * dims[0] + len(dims)}[method]
+
+
+@pytest.mark.parametrize("arch", sorted(BACKBONES))
+@pytest.mark.parametrize("method", sorted(SUCCESSORS))
+def test_successor_on_backbone(arch, method, tmp_path):
+    torch.manual_seed(0)
+    backbone = BACKBONES[arch]().eval()
+    model = vptune.create_model(backbone, method, C, **SUCCESSORS[method])
+    assert model.num_trainable_parameters() == successor_count(backbone, method)
+    assert not any(n.startswith("backbone.") for n in model.trainable_names)
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    model(x).logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name
+    with torch.no_grad():
+        for _, p in model.trainable_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = vptune.TunedModel.from_pretrained(tmp_path, backbone=backbone).eval()
+    assert set(loaded.trained_state_dict()) == set(model.trained_state_dict())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

@@ -90,6 +90,9 @@ class TunedModel(nn.Module):
                   "prompt_replace": given.prompt_replace, "prompt_outputs": given.prompt_outputs}
         if given.taps:  # only when some: backbones without taps keep working for every other method
             kwargs["taps"] = given.taps
+        for key in ("kv_prompts", "prompt_gate"):  # attention-level prompts (vpt-kv, gated): only when set
+            if getattr(given, key) is not None:
+                kwargs[key] = getattr(given, key)
         if not self.gradient_checkpointing:
             return self.backbone.run_block(i, tokens, given.prompts, **kwargs)
         from torch.utils.checkpoint import checkpoint

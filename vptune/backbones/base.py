@@ -158,6 +158,8 @@ class Backbone(nn.Module):
         prompt_replace: Tensor | None = None,
         prompt_outputs: bool = True,
         taps: Taps | None = None,
+        kv_prompts: tuple[Tensor, Tensor] | None = None,
+        prompt_gate: Tensor | None = None,
     ) -> Tokens:
         """Run block ``i``. ``prompts`` is (p, d) or (B, p, d); see the module docstring for the rule.
         ``location='add'`` adds (p == number of patches) prompts to the patch tokens instead.
@@ -168,7 +170,12 @@ class Backbone(nn.Module):
         next block replaces them and pooling ignores them), so it may skip computing them; the [CLS]
         and patch outputs must be the same either way.
         ``taps``: name -> tap, applied to the outputs of the named layers of this block (see the module
-        docstring; a backbone that offers none refuses them)."""
+        docstring; a backbone that offers none refuses them).
+        ``kv_prompts``: learned (keys, values), each (L, d_i) or (B, L, d_i), concatenated to K and V inside
+        the block's attention after the projection (E2VPT's key-value prompts): never queries, no outputs;
+        Swin puts them into every window with zero relative-position bias, as its prompts.
+        ``prompt_gate``: a scalar g in [0, 1] (gated prompt tuning): the prompt tokens leave the block as
+        ``g * block(P) + (1 - g) * P`` (P as they entered it); image tokens are unaffected."""
         raise NotImplementedError
 
     def pool(self, tokens: Tokens, mode: str | None = None) -> Tensor:

@@ -60,7 +60,7 @@ from vptune.backbones.base import (
     tapped,
 )
 from vptune.backbones.registry import register_arch
-from vptune.backbones.vit import DropPath, Mlp
+from vptune.backbones.vit import DropPath, Mlp, split_heads
 from vptune.errors import VptuneError, check_choice
 
 POOL_MODES = ("image_mean", "image_prompt_mean", "prompt_mean")
@@ -170,7 +170,8 @@ class WindowAttention(nn.Module):
         return self.relative_position_bias_table[index.reshape(-1)].view(N, N, -1).permute(2, 0, 1)
 
     def forward(self, x: Tensor, batch: int, window: int, mask: Tensor | None, num_prompts: int,
-                key_pad: Tensor | None, taps: Taps | None = None) -> Tensor:
+                key_pad: Tensor | None, taps: Taps | None = None,
+                kv_learned: tuple[Tensor, Tensor] | None = None) -> Tensor:
         BW, L, C = x.shape
         nW, h = BW // batch, self.num_heads
         qkv = tapped(self.qkv, x, taps, "attn.qkv").reshape(BW, L, 3, h, C // h).permute(2, 0, 3, 1, 4)
@@ -180,6 +181,14 @@ class WindowAttention(nn.Module):
         if p:
             bias = F.pad(bias, (p, 0, p, 0))  # zero bias on prompt rows and columns
         attn_mask = bias[None]  # (1, heads, L, L)
+        if kv_learned is not None:  # learned keys/values (E2VPT) in every window: zero bias, never masked
+            k, v = (torch.cat([t, self._window_kv(e.to(t.dtype), batch, nW)], dim=2)
+                    for t, e in zip((k, v), kv_learned))
+            n_kv = k.shape[2] - L
+            attn_mask = F.pad(attn_mask, (0, n_kv))  # (1, heads, L, L + L_kv)
+            mask = None if mask is None else F.pad(mask, (0, n_kv))
+            if key_pad is not None:
+                key_pad = torch.cat([key_pad, key_pad.new_zeros(key_pad.shape[0], n_kv)], dim=1)
         if mask is None and key_pad is None:  # one mask for every window: plain 4-D attention
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         else:  # masks that vary per window and/or sample broadcast over (B, nW) without a copy
@@ -191,9 +200,18 @@ class WindowAttention(nn.Module):
                 pad = torch.zeros(key_pad.shape, dtype=q.dtype, device=q.device)
                 pad = pad.masked_fill(key_pad, float("-inf"))
                 attn_mask = attn_mask + pad[:, None, None, None, :]  # (B, nW, heads, L, L)
-            q, k, v = (t.view(batch, nW, h, L, -1) for t in (q, k, v))
+            q = q.view(batch, nW, h, L, -1)
+            k, v = (t.view(batch, nW, h, t.shape[2], -1) for t in (k, v))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).view(BW, h, L, -1)
         return tapped(self.proj, out.transpose(1, 2).reshape(BW, L, C), taps, "attn.proj")
+
+    def _window_kv(self, t: Tensor, batch: int, nW: int) -> Tensor:
+        """(L, C) or (B, L, C) learned keys or values -> (B*nW, heads, L, head_dim): each sample's own in
+        every one of its windows (shared ones expanded without a copy where possible)."""
+        if t.dim() == 2:
+            return split_heads(t, self.num_heads, batch * nW)
+        per_sample = split_heads(t, self.num_heads, batch)  # (B, heads, L, hd)
+        return per_sample.unsqueeze(1).expand(-1, nW, -1, -1, -1).reshape(batch * nW, *per_sample.shape[1:])
 
 
 class SwinBlock(nn.Module):
@@ -217,7 +235,8 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: Tensor, grid: tuple[int, int], prompts: Tensor | None = None,
                 prompt_mask: Tensor | None = None,
-                ffn_adapter: nn.Module | None = None, taps: Taps | None = None) -> tuple[Tensor, Tensor | None]:
+                ffn_adapter: nn.Module | None = None, taps: Taps | None = None,
+                kv_learned: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
         """x (B, H*W, C), prompts (B, p, C) or None -> the same shapes."""
         B, HW, C = x.shape
         H, W = grid
@@ -241,7 +260,7 @@ class SwinBlock(nn.Module):
         key_pad = None
         if p and prompt_mask is not None:
             key_pad = torch.cat([~prompt_mask, prompt_mask.new_zeros(B, N)], dim=1)
-        out = self.attn(windows, B, window, mask, p, key_pad, taps)  # (B*nW, p + N, C)
+        out = self.attn(windows, B, window, mask, p, key_pad, taps, kv_learned)  # (B*nW, p + N, C)
         img = window_reverse(out[:, p:], window, Hp, Wp)
         if shift:
             img = torch.roll(img, shifts=(shift, shift), dims=(1, 2))
@@ -361,7 +380,8 @@ class SwinTransformer(Backbone):
 
     def run_block(self, i: int, tokens: Tokens, prompts: Tensor | None = None, *, location: str = "prepend",
                   ffn_adapter: nn.Module | None = None, prompt_replace: Tensor | None = None,
-                  prompt_outputs: bool = True, taps: Taps | None = None) -> Tokens:
+                  prompt_outputs: bool = True, taps: Taps | None = None,
+                  kv_prompts: tuple[Tensor, Tensor] | None = None, prompt_gate: Tensor | None = None) -> Tokens:
         # prompt_outputs=False (a hint that this block's prompt outputs will be discarded) is not used:
         # Swin's prompts are averaged over windows and may be carried through patch merging.
         if not 0 <= i < len(self._where):
@@ -386,7 +406,9 @@ class SwinTransformer(Backbone):
                 mask = keep if tokens.prompt_mask is None else tokens.prompt_mask & keep
                 tokens = replace(tokens, prompt_mask=mask.expand(-1, tokens.num_prompts))
         block = self.layers[s].blocks[b]
-        x, P = block(tokens.x, tokens.grid, tokens.prompts, tokens.prompt_mask, ffn_adapter, taps)
+        x, P = block(tokens.x, tokens.grid, tokens.prompts, tokens.prompt_mask, ffn_adapter, taps, kv_prompts)
+        if prompt_gate is not None and P is not None:  # gated prompts: P' = g f(P) + (1 - g) P
+            P = prompt_gate * P + (1 - prompt_gate) * tokens.prompts
         return replace(tokens, x=x, prompts=P)
 
     def _merge(self, s: int, tokens: Tokens, replacing: bool) -> Tokens:

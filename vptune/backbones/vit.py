@@ -98,9 +98,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, kv_extra: Tensor | None = None,
-                taps: Taps | None = None) -> Tensor:
+                taps: Taps | None = None,
+                kv_prompts: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """``kv_extra`` ((1 or B), p, C), already normalised: extra tokens that are attended to but
-        produce no output (VPT-deep prompts whose outputs the next block discards)."""
+        produce no output (VPT-deep prompts whose outputs the next block discards). ``kv_prompts``:
+        learned (key, value) tokens, each (L, C) or (B, L, C), concatenated to K and V after the
+        projection (E2VPT's key-value prompts): never queries, no outputs."""
         B, N, C = x.shape
         qkv = tapped(self.qkv, x, taps, "attn.qkv").reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
@@ -110,8 +113,20 @@ class Attention(nn.Module):
             kv = F.linear(kv_extra, w, b).reshape(Bp, p, 2, self.num_heads, C // self.num_heads)
             kv = kv.permute(2, 0, 3, 1, 4).expand(-1, B, -1, -1, -1)  # (2, B, heads, p, head_dim)
             k, v = torch.cat([k, kv[0]], dim=2), torch.cat([v, kv[1]], dim=2)  # (B, heads, N+p, hd)
+        if kv_prompts is not None:
+            k, v = (torch.cat([t, split_heads(e.to(t.dtype), self.num_heads, B)], dim=2)
+                    for t, e in zip((k, v), kv_prompts))  # (B, heads, N(+p)+L, head_dim)
+            if attn_mask is not None:  # key mask (B, 1, 1, N): learned keys are always attended to
+                attn_mask = F.pad(attn_mask, (0, k.shape[2] - attn_mask.shape[-1]), value=True)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, head_dim)
         return tapped(self.proj, x.transpose(1, 2).reshape(B, N, C), taps, "attn.proj")
+
+
+def split_heads(t: Tensor, heads: int, batch: int) -> Tensor:
+    """(L, C) or (B, L, C) learned keys or values -> (batch, heads, L, C // heads), shared ones expanded."""
+    t = t.unsqueeze(0) if t.dim() == 2 else t
+    Bt, L, C = t.shape
+    return t.reshape(Bt, L, heads, C // heads).transpose(1, 2).expand(batch, -1, -1, -1)
 
 
 class Mlp(nn.Module):
@@ -154,10 +169,14 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, ffn_adapter: nn.Module | None = None,
-                kv_prompts: Tensor | None = None, taps: Taps | None = None) -> Tensor:
+                kv_prompts: Tensor | None = None, taps: Taps | None = None,
+                kv_learned: tuple[Tensor, Tensor] | None = None) -> Tensor:
         kv = None if kv_prompts is None else self.norm1(kv_prompts)
-        h = tapped(self.norm1, x, taps, "norm1")  # taps go to attn only when some (a patched forward may take none)
-        x = x + self.drop_path(self.attn(h, attn_mask, kv, taps) if taps else self.attn(h, attn_mask, kv))
+        extra = {} if kv_learned is None else {"kv_prompts": kv_learned}  # learned K/V (E2VPT): only when set
+        if taps:  # taps go to attn only when some (a patched forward may take none)
+            extra["taps"] = taps
+        h = tapped(self.norm1, x, taps, "norm1")
+        x = x + self.drop_path(self.attn(h, attn_mask, kv, **extra))
         h = self.mlp(tapped(self.norm2, x, taps, "norm2"), taps)
         if ffn_adapter is not None:  # Pfeiffer placement: adapter on the FFN output, inside the residual
             h = h + ffn_adapter(h)
@@ -250,17 +269,22 @@ class VisionTransformer(Backbone):
 
     def run_block(self, i: int, tokens: Tokens, prompts: Tensor | None = None, *, location: str = "prepend",
                   ffn_adapter: nn.Module | None = None, prompt_replace: Tensor | None = None,
-                  prompt_outputs: bool = True, taps: Taps | None = None) -> Tokens:
+                  prompt_outputs: bool = True, taps: Taps | None = None,
+                  kv_prompts: tuple[Tensor, Tensor] | None = None, prompt_gate: Tensor | None = None) -> Tokens:
         if prompts is not None and not prompt_outputs and location == "prepend" and prompt_replace is None \
-                and tokens.prompt_mask is None and not taps:
-            return self._run_block_kv_prompts(i, tokens, prompts, ffn_adapter)
+                and tokens.prompt_mask is None and not taps and prompt_gate is None:
+            return self._run_block_kv_prompts(i, tokens, prompts, ffn_adapter, kv_prompts)
         if prompts is not None:
             tokens = self._place_prompts(tokens, prompts, location, prompt_replace)
-        x = self.blocks[i](tokens.x, self._attn_mask(tokens), ffn_adapter, taps=taps)
+        x = self.blocks[i](tokens.x, self._attn_mask(tokens), ffn_adapter, taps=taps, kv_learned=kv_prompts)
+        if prompt_gate is not None and tokens.num_prompts:  # gated prompts: P' = g f(P) + (1 - g) P
+            p, old = tokens.num_prompts, tokens.x[:, 1:1 + tokens.num_prompts]
+            gated = prompt_gate * x[:, 1:1 + p] + (1 - prompt_gate) * old
+            x = torch.cat([x[:, :1], gated, x[:, 1 + p:]], dim=1)
         return replace(tokens, x=x)
 
-    def _run_block_kv_prompts(self, i: int, tokens: Tokens, prompts: Tensor,
-                              ffn_adapter: nn.Module | None) -> Tokens:
+    def _run_block_kv_prompts(self, i: int, tokens: Tokens, prompts: Tensor, ffn_adapter: nn.Module | None,
+                              kv_learned: tuple[Tensor, Tensor] | None = None) -> Tokens:
         """Block i where the prompts only supply keys and values: their outputs would be replaced by
         the next block's prompts (VPT-deep), so they are not computed. Attention does not depend on the
         order of keys, so [CLS] and patch outputs equal the full ``[CLS, P, patches]`` computation."""
@@ -269,7 +293,7 @@ class VisionTransformer(Backbone):
             x = torch.cat([x[:, :c], x[:, c + p_old:]], dim=1)  # (B, 1+N, d): drop stale prompt outputs
         P = prompts.to(x.dtype)
         P = P.unsqueeze(0) if P.dim() == 2 else P  # (1 or B, p, d): K/V computed once when shared
-        x = self.blocks[i](x, None, ffn_adapter, kv_prompts=P)
+        x = self.blocks[i](x, None, ffn_adapter, kv_prompts=P, kv_learned=kv_learned)
         return replace(tokens, x=x, num_prompts=0)
 
     def _place_prompts(self, tokens: Tokens, prompts: Tensor, location: str,

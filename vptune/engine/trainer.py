@@ -137,6 +137,10 @@ def build_trainer(cfg: TrainConfig, device: torch.device, *, datasets: dict[str,
     model = create_model(backbone, cfg.method.name, num_classes, label_names=label_names,
                          head_norm=cfg.method.head_norm, head_init=cfg.method.head_init, **cfg.method.options)
     model.preprocessing = prep
+    # --- hook: prompts initialised from the data (init="prototype", Self-Prompt Tuning), once, frozen backbone
+    from vptune.methods.prototype import init_from_dataset
+
+    init_from_dataset(model, splits["train"], device)
     return (trainer_cls or Trainer)(cfg, model, splits, device, Path(cfg.output))
 
 

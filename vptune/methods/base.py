@@ -61,7 +61,10 @@ class BlockInput:
     prompt_replace: (B,) bool per sample, mixed batches only. prompt_outputs: False when nobody reads
     this block's prompt outputs (the backbone may skip them).
     taps: layer name -> tap changing that layer's output inside the block (LoRA, DoRA, SSF; see
-    :mod:`vptune.backbones.base`), or None."""
+    :mod:`vptune.backbones.base`), or None.
+    kv_prompts: learned (keys, values), each (L, d_i), concatenated to K and V in the block's attention
+    (E2VPT). prompt_gate: a scalar in [0, 1]: how much the block changes the prompt tokens (gated prompts).
+    Both None by default (and then not passed to ``run_block``)."""
 
     prompts: Tensor | None = None
     location: str = "prepend"
@@ -69,6 +72,8 @@ class BlockInput:
     prompt_replace: Tensor | None = None
     prompt_outputs: bool = True
     taps: Taps | None = None
+    kv_prompts: tuple[Tensor, Tensor] | None = None
+    prompt_gate: Tensor | None = None
 
 
 class BlockHooks(Protocol):

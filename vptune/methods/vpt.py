@@ -5,6 +5,11 @@ Only the prompts (and the head) train. Shallow (Eq. 1-3): p prompts enter block 
 parameters in all. Prompt values start uniform in +-sqrt(6 / (3 * patch_h * patch_w + prompt_dim))
 (the reference code's Xavier-style rule); dropout applies to the prompts each time they are inserted
 (the paper uses 0.1 for deep).
+
+``init="prototype"`` (Self-Prompt Tuning, Wang et al., ICML 2024) starts block i's prompts at k-means
+prototypes of the tokens block i sees on training images (:mod:`vptune.methods.prototype`); the
+prompts are built uniform and :meth:`_VPT.init_from_data` overwrites them (the trainer calls it once
+before training; a script calls ``model.method.init_from_data(model.backbone, images)``).
 """
 
 from __future__ import annotations
@@ -19,15 +24,18 @@ from torch import Tensor, nn
 from vptune.backbones.base import Backbone, Tokens
 from vptune.errors import VptuneError, check_choice
 from vptune.methods.base import BlockInput, Method, SharedPass, register
+from vptune.methods.prototype import block_tokens, kmeans
 
-INITS = ("uniform", "normal", "zeros")
+INITS = ("uniform", "normal", "zeros", "prototype")
 LOCATIONS = ("prepend", "add")
 
 
 @dataclass
 class VPTOptions:
     """num_tokens: prompt length p (ignored for location='add', which needs one prompt per patch).
-    dropout: dropout on the prompt vectors. init: 'uniform' (paper), 'normal' (std 0.02) or 'zeros'.
+    dropout: dropout on the prompt vectors. init: 'uniform' (paper), 'normal' (std 0.02), 'zeros' or
+        'prototype' (k-means prototypes of the tokens each block sees on training images, Self-Prompt
+        Tuning; needs ``init_from_data`` before training, which ``vptune train`` does).
     project_dim: > 0 keeps prompts in that smaller space, mapped to the token width by one shared
         Linear (kaiming normal, fan_out), as the reference code's ``PROJECT``.
     deep_layers: deep only; k > 0 puts prompts in the first k blocks, k < 0 in the last |k| blocks,
@@ -52,6 +60,9 @@ class VPTOptions:
             raise VptuneError(f"prompt dropout must be in [0, 1), got {self.dropout}")
         if self.project_dim < 0:
             raise VptuneError(f"project_dim must be >= 0 (0: no projection), got {self.project_dim}")
+        if self.init == "prototype" and (self.project_dim or self.location != "prepend"):
+            raise VptuneError("init='prototype' needs prepended prompts in the token space "
+                              "(location='prepend', project_dim=0)")
 
 
 class _VPT(Method):
@@ -102,7 +113,7 @@ class _VPT(Method):
 
     def _init_prompts(self, p: int, dim: int, patch_area: int) -> nn.Parameter:
         t = torch.empty(p, dim)
-        if self.options.init == "uniform":
+        if self.options.init in ("uniform", "prototype"):  # prototype: overwritten by init_from_data
             v = math.sqrt(6.0 / float(3 * patch_area + dim))
             nn.init.uniform_(t, -v, v)
         elif self.options.init == "normal":
@@ -122,9 +133,29 @@ class _VPT(Method):
         prompts = self.prompts[j]  # (p, d) or (p, project_dim)
         if self.options.project_dim:
             prompts = self.project[str(self.dims[i])](prompts)
+        prompts = self.transform_prompts(i, prompts)
         if self.dropout.p > 0 and self.training:  # a dropout mask per sample, as the reference code
             prompts = prompts.expand(batch, -1, -1)  # (B, p, d)
         return self.dropout(prompts)  # (p, d) or (B, p, d)
+
+    def transform_prompts(self, i: int, prompts: Tensor) -> Tensor:
+        """Block i's (p, d) prompt values before dropout and insertion (identity; VFPT overrides)."""
+        return prompts
+
+    @property
+    def needs_data_init(self) -> bool:
+        """Whether :meth:`init_from_data` should run before training (``init="prototype"``)."""
+        return self.options.init == "prototype"
+
+    @torch.no_grad()
+    def init_from_data(self, backbone: Backbone, images: Tensor) -> None:
+        """Set block i's prompts to k-means prototypes of the tokens block i sees on ``images`` with the
+        frozen plain backbone (Self-Prompt Tuning, Wang et al., ICML 2024); no global RNG is drawn."""
+        if not self.blocks:
+            return
+        tokens = block_tokens(backbone, images, self.blocks)
+        for j, i in enumerate(self.blocks):
+            self.prompts[j].copy_(kmeans(tokens[i], self.prompts[j].shape[0]))
 
     def block_input(self, i: int, tokens: Tokens, batch: int) -> tuple[Tokens, BlockInput]:
         """Block i's own prompts (Eq. 5: deep replaces the previous block's prompt outputs), at this

@@ -83,6 +83,7 @@ from vptune.engine.runfolder import (  # noqa: F401 -- the file names and read_r
 from vptune.engine.runlock import RunLock, StopOnInterrupt, TrainingInterrupted
 from vptune.errors import VptuneError
 from vptune.methods.base import parse_method_name, parse_options
+from vptune.methods.prototype import init_from_dataset
 from vptune.model import create_model
 
 logger = logging.getLogger("vptune")
@@ -138,7 +139,6 @@ def build_trainer(cfg: TrainConfig, device: torch.device, *, datasets: dict[str,
                          head_norm=cfg.method.head_norm, head_init=cfg.method.head_init, **cfg.method.options)
     model.preprocessing = prep
     # --- hook: prompts initialised from the data (init="prototype", Self-Prompt Tuning), once, frozen backbone
-    from vptune.methods.prototype import init_from_dataset
 
     init_from_dataset(model, splits["train"], device)
     return (trainer_cls or Trainer)(cfg, model, splits, device, Path(cfg.output))

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "vptune"
 
 LAYERS: dict[str, int] = {
-    "vptune.errors": 0, "vptune.version": 0, "vptune.io": 0,
+    "vptune.errors": 0, "vptune.version": 0, "vptune.io": 0, "vptune.checks": 0,
     "vptune.backbones": 1,
     "vptune.methods": 2,
     "vptune.model": 3,

@@ -23,6 +23,7 @@ from vptune.backbones.checkpoint import (
     read_state_dict,
 )
 from vptune.backbones.registry import list_backbones, resolve
+from vptune.checks import coerce_fields
 from vptune.errors import VptuneError
 
 logger = logging.getLogger("vptune")
@@ -65,6 +66,8 @@ def create_backbone(name: str | None = None, weights: str | Path | None = None, 
 
 
 def _family_and_config(name: str | None, weights: str | Path | None) -> tuple[Any, Any, str | None]:
+    if weights is not None and not Path(weights).exists():
+        raise VptuneError(f"weights {weights} do not exist (give a checkpoint file or a weights folder)")
     folder = Path(weights) if weights is not None and Path(weights).is_dir() else None
     has_config = folder is not None and (folder / "config.json").is_file()
     interpolation = None
@@ -92,11 +95,14 @@ def _read_interpolation(folder: Path) -> str | None:
 
 
 def _apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+    """``config`` with ``overrides`` applied: unknown keys are refused with the valid ones, and each value is
+    converted to its field's type (``depth="2"`` -> 2; ``depth="abc"`` is one VptuneError naming the key)."""
     if not overrides:
         return config
     valid = sorted(f.name for f in dataclasses.fields(config))
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise VptuneError(f"unknown config keys {unknown}; valid keys: {', '.join(valid)}")
-    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    fixed = coerce_fields(type(config), {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()},
+                          "backbone.config")
     return dataclasses.replace(config, **fixed)

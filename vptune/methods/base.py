@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Protocol
 from torch import Tensor, nn
 
 from vptune.backbones.base import Backbone, Tokens
+from vptune.checks import coerce_fields
 from vptune.errors import VptuneError, check_choice
 
 METHODS: dict[str, type[Method]] = {}
@@ -225,12 +226,14 @@ def parse_method_name(name: str) -> tuple[type[Method], dict[str, Any]]:
 
 
 def parse_options(cls: type[Method], options: dict[str, Any]) -> Any:
-    """Build ``cls.options_cls`` from keyword options, refusing unknown keys with the valid ones."""
+    """Build ``cls.options_cls`` from keyword options, refusing unknown keys with the valid ones and values
+    of the wrong type (converted to the field's type where they can be: ``"8"`` -> 8)."""
     fields = {f.name: f for f in dataclasses.fields(cls.options_cls)}
     unknown = sorted(set(options) - set(fields))
     if unknown:
         valid = ", ".join(sorted(fields)) or "(none)"
         raise VptuneError(f"method {cls.name!r} has no option(s) {unknown}; valid options: {valid}")
+    options = coerce_fields(cls.options_cls, options, f"method {cls.name!r} options")
     try:
         opts = cls.options_cls(**options)
     except TypeError as e:

@@ -48,7 +48,12 @@ def create_backbone(name: str | None = None, weights: str | Path | None = None, 
     """
     family, config, interpolation = _family_and_config(name, weights)
     config = _apply_overrides(config, config_overrides)
-    backbone: Backbone = family.cls(config)
+    try:
+        backbone: Backbone = family.cls(config)
+    except (RuntimeError, MemoryError, OverflowError, ZeroDivisionError, ValueError) as e:  # absurd sizes
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise VptuneError(f"cannot build the backbone with config overrides {config_overrides}: "
+                          f"{type(e).__name__}: {first}") from None
     if input_size is not None:
         ps = backbone.patch_size[0]
         if not isinstance(input_size, int) or input_size <= 0 or input_size % ps:
@@ -105,4 +110,8 @@ def _apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
         raise VptuneError(f"unknown config keys {unknown}; valid keys: {', '.join(valid)}")
     fixed = coerce_fields(type(config), {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()},
                           "backbone.config")
+    for key, value in fixed.items():  # a size (a positive whole number by default) stays positive
+        default = getattr(config, key)
+        if type(default) is int and default > 0 and type(value) is int and value < 1:
+            raise VptuneError(f"backbone.config.{key} must be >= 1, got {value}")
     return dataclasses.replace(config, **fixed)

@@ -71,8 +71,11 @@ def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from vptune.engine.report import to_markdown, write_report
+    from vptune.errors import VptuneError
 
     out = args.out or str(Path(args.runs[0]) / "report")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise VptuneError(f"report folder {out} is a file, not a folder; choose another --out")
     report, files = write_report(args.runs, out, plots=not args.no_plots)
     sys.stdout.write(to_markdown(report, args.runs))
     print("\nwrote " + ", ".join(str(p) for p in files.values()), file=sys.stderr)

@@ -250,7 +250,12 @@ def build_method(name: str, backbone: Backbone, **options: Any) -> Method:
     for key, value in implied.items():
         if key in options and options[key] != value:
             raise VptuneError(f"method {name!r} implies {key}={value}, but options give {key}={options[key]}")
-    method = cls(backbone, parse_options(cls, {**options, **implied}))
+    opts = parse_options(cls, {**options, **implied})
+    try:
+        method = cls(backbone, opts)
+    except (RuntimeError, MemoryError, OverflowError) as e:  # sizes no tensor can have
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise VptuneError(f"cannot build method {name!r} with options {opts}: {first}") from None
     method._changes_backbone = trains_backbone(method.trainable_patterns(backbone), backbone)
     return method
 

@@ -136,7 +136,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
@@ -145,7 +145,7 @@ def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "vptune", *args]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.returncode == 0 or not check, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
 
@@ -193,3 +193,24 @@ def test_two_gloo_processes_train_like_one(assets: dict[str, Path], tmp_path: Pa
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5) and a["train_acc"] == b["train_acc"]
         assert a["step"] == b["step"] and a["lr"] == pytest.approx(b["lr"])
     assert (tmp_path / "two/task/task.json").is_file() and (tmp_path / "two/checkpoint.pt").is_file()
+
+
+@pytest.mark.slow
+def test_a_launch_on_a_locked_output_is_refused_on_every_process(assets: dict[str, Path], tmp_path: Path) -> None:
+    from vptune.engine.runlock import LOCK_FILE, RunLock
+
+    out = tmp_path / "run"
+    with RunLock(out):  # what a running launch (its rank 0) or a one-process run holds on the folder
+        proc = torchrun(train_args(assets, out), check=False)
+        assert proc.returncode != 0
+        refused = [ln for ln in proc.stderr.splitlines() if f"is in use by process {os.getpid()} " in ln]
+        assert len(refused) == 2, proc.stderr[-5000:]  # rank 0 takes the lock and fails; rank 1 gets its refusal
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing was written
+    # a stale lock (its process is gone) is taken over by rank 0 and released when the launch ends
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    out.mkdir(exist_ok=True)  # the holder above created it and removed it on release (it stayed empty)
+    (out / LOCK_FILE).write_text(json.dumps({"pid": int(gone.stdout), "hostname": socket.gethostname(),
+                                             "started": 0}))
+    torchrun(train_args(assets, out, "--set", "runtime.max_steps=1"))
+    assert json.loads((out / "result.json").read_text())["steps"] == 1 and not (out / LOCK_FILE).exists()

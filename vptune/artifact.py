@@ -146,7 +146,8 @@ def read_task_json(directory: str | Path) -> dict[str, Any]:
     """Parse and check ``task.json``; a missing or corrupt file gets one clear VptuneError."""
     path = Path(directory) / TASK_JSON
     if not Path(directory).is_dir():
-        raise VptuneError(f"task folder {directory} does not exist")
+        raise VptuneError(f"task folder {directory} " + ("is a file, not a folder" if Path(directory).exists()
+                                                         else "does not exist"))
     if not path.is_file():
         raise VptuneError(f"{directory} is not a vptune task folder: {TASK_JSON} is missing")
     try:

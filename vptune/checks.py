@@ -76,6 +76,8 @@ def scalar(value: Any, tp: type, key: str) -> Any:
         raise bad from None
     if tp is float and not math.isfinite(number):
         raise VptuneError(f"{key} must be a finite number, got {value!r}")
+    if tp is int and not -(2**63) <= number < 2**63:  # what a tensor shape or index can hold
+        raise VptuneError(f"{key} must be an integer in the int64 range, got {value!r}")
     return number
 
 

@@ -266,9 +266,13 @@ def _onnx_export(
             "do_constant_folding": True,
         }
         try:
-            torch.onnx.export(module, args, str(path), dynamo=False, **kwargs)
-        except TypeError:  # a torch without the ``dynamo`` keyword
-            torch.onnx.export(module, args, str(path), **kwargs)
+            try:
+                torch.onnx.export(module, args, str(path), dynamo=False, **kwargs)
+            except TypeError:  # a torch without the ``dynamo`` keyword
+                torch.onnx.export(module, args, str(path), **kwargs)
+        except torch.onnx.errors.OnnxExporterError as e:  # an op this opset cannot express
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise VptuneError(f"ONNX export at opset {opset} failed: {first}") from None
     onnx.checker.check_model(str(path))
 
 

@@ -23,6 +23,10 @@ from vptune.errors import VptuneError
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees either the old or the new file, never half."""
     path = Path(path)
+    if path.is_dir():
+        raise VptuneError(f"cannot write {path}: it is a folder")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise VptuneError(f"cannot write {path}: {path.parent} is a file, not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -55,8 +55,12 @@ class ServeConfig:
     def validate(self) -> None:
         if self.max_batch_size < 1:
             raise VptuneError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_wait_ms < 0:
-            raise VptuneError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if not 0 <= self.max_wait_ms < math.inf:
+            raise VptuneError(f"max_wait_ms must be a finite number >= 0, got {self.max_wait_ms}")
+        if self.default_top_k < 1:
+            raise VptuneError(f"the default top-k must be >= 1, got {self.default_top_k}")
+        if not 0 <= self.shutdown_timeout_s < math.inf:
+            raise VptuneError(f"the shutdown timeout must be a finite number >= 0 s, got {self.shutdown_timeout_s}")
         if self.max_upload_bytes < 1 or self.max_pixels < 1 or self.max_queue < 1:
             raise VptuneError("max_upload_bytes, max_pixels and max_queue must be >= 1")
         if not self.request_timeout_s > 0:

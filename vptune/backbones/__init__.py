@@ -23,6 +23,7 @@ from vptune.backbones.checkpoint import (
     read_state_dict,
 )
 from vptune.backbones.registry import list_backbones, resolve
+from vptune.checks import coerce_fields
 from vptune.errors import VptuneError
 
 logger = logging.getLogger("vptune")
@@ -47,7 +48,12 @@ def create_backbone(name: str | None = None, weights: str | Path | None = None, 
     """
     family, config, interpolation = _family_and_config(name, weights)
     config = _apply_overrides(config, config_overrides)
-    backbone: Backbone = family.cls(config)
+    try:
+        backbone: Backbone = family.cls(config)
+    except (RuntimeError, MemoryError, OverflowError, ZeroDivisionError, ValueError) as e:  # absurd sizes
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise VptuneError(f"cannot build the backbone with config overrides {config_overrides}: "
+                          f"{type(e).__name__}: {first}") from None
     if input_size is not None:
         ps = backbone.patch_size[0]
         if not isinstance(input_size, int) or input_size <= 0 or input_size % ps:
@@ -65,6 +71,8 @@ def create_backbone(name: str | None = None, weights: str | Path | None = None, 
 
 
 def _family_and_config(name: str | None, weights: str | Path | None) -> tuple[Any, Any, str | None]:
+    if weights is not None and not Path(weights).exists():
+        raise VptuneError(f"weights {weights} do not exist (give a checkpoint file or a weights folder)")
     folder = Path(weights) if weights is not None and Path(weights).is_dir() else None
     has_config = folder is not None and (folder / "config.json").is_file()
     interpolation = None
@@ -92,11 +100,18 @@ def _read_interpolation(folder: Path) -> str | None:
 
 
 def _apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+    """``config`` with ``overrides`` applied: unknown keys are refused with the valid ones, and each value is
+    converted to its field's type (``depth="2"`` -> 2; ``depth="abc"`` is one VptuneError naming the key)."""
     if not overrides:
         return config
     valid = sorted(f.name for f in dataclasses.fields(config))
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise VptuneError(f"unknown config keys {unknown}; valid keys: {', '.join(valid)}")
-    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    fixed = coerce_fields(type(config), {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()},
+                          "backbone.config")
+    for key, value in fixed.items():  # a size (a positive whole number by default) stays positive
+        default = getattr(config, key)
+        if type(default) is int and default > 0 and type(value) is int and value < 1:
+            raise VptuneError(f"backbone.config.{key} must be >= 1, got {value}")
     return dataclasses.replace(config, **fixed)

@@ -2,8 +2,9 @@
 
 Each command group lives in its own small module here (``data``, ``train`` ...), exposing
 ``register(subparsers)`` that adds its parsers and sets ``func`` to a handler taking the parsed args.
-A :class:`~vptune.errors.VptuneError` (or a missing file) is printed as one line and exits with 2;
-a user error never shows a traceback.
+A :class:`~vptune.errors.VptuneError` (or a missing file, a file where a folder is expected and the
+reverse, a file it may not read) is printed as one line and exits with 2; a bad command line too
+(argparse's usage text is left to ``--help``). A user error never shows a traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from vptune.errors import VptuneError
 from vptune.version import __version__
@@ -19,13 +21,20 @@ from vptune.version import __version__
 COMMAND_MODULES = ("data", "train", "sweep", "serve", "demo")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit 2): ``vptune train: error: ...``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def add_overrides_arg(p: argparse.ArgumentParser, help: str) -> None:
     """``--set KEY=VALUE`` (repeatable, collected in ``args.overrides``): dotted-key config overrides."""
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="vptune", description="Visual Prompt Tuning (Jia et al., ECCV 2022) for frozen vision backbones."
     )
     parser.add_argument("--version", action="version", version=f"vptune {__version__}")
@@ -46,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
+        print("vptune: error: give a command (listed above)", file=sys.stderr)
         return 2
     try:
         return int(args.func(args) or 0)
@@ -54,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FileNotFoundError as e:
         print(f"vptune: error: no such file or folder: {e.filename or e}", file=sys.stderr)
+        return 2
+    except (NotADirectoryError, IsADirectoryError, PermissionError) as e:  # a path given where it cannot work
+        what = {NotADirectoryError: "not a folder", IsADirectoryError: "a folder, not a file",
+                PermissionError: "permission denied"}[type(e)]
+        print(f"vptune: error: {what}: {e.filename or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # a training run stopped by Ctrl-C says where its checkpoint is
         print(f"vptune: {e}" if str(e) else "vptune: interrupted", file=sys.stderr)

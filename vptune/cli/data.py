@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``data`` command and its subcommands."""
     p = sub.add_parser("data", help="prepare and check datasets", description=__doc__)
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
-    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    p.set_defaults(func=lambda a: _no_subcommand(p))
 
     v = dsub.add_parser("vtab1k", help="draw VTAB-1k splits from a class folder, an npz or a HF datasets folder")
     v.add_argument("src", help="class folder (<class>/<image>, or train/ and test/ class folders), an .npz "
@@ -65,7 +65,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=_tasks)
 
 
+def _no_subcommand(p: argparse.ArgumentParser) -> int:
+    import sys
+
+    p.print_help()
+    print("vptune data: error: give a subcommand (listed above)", file=sys.stderr)
+    return 2
+
+
+def _check_out(out: str) -> None:
+    """``--out`` must be a folder (or not exist yet), checked before anything is read or rendered."""
+    from vptune.errors import VptuneError
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise VptuneError(f"--out {out} is a file, not a folder")
+
+
+def _check_counts(**counts: int | None) -> None:
+    from vptune.errors import VptuneError
+
+    for flag, value in counts.items():
+        if value is not None and value < 1:
+            raise VptuneError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+
+
 def _vtab1k(a: argparse.Namespace) -> int:
+    _check_out(a.out)
     if is_array_dataset(a.src):
         path = vtab1k_from_dataset(a.src, a.out, a.seed, a.test_cap, a.task_name, a.train, a.val, a.force)
         print(f"wrote {path}")
@@ -77,6 +102,8 @@ def _vtab1k(a: argparse.Namespace) -> int:
 
 
 def _mini_vtab(a: argparse.Namespace) -> int:
+    _check_out(a.out)
+    _check_counts(workers=a.workers)
     done = build_mini_vtab(a.assets, a.out, a.seed, a.scale, a.tasks, a.workers, a.force)
     for t, path in done.items():
         print(f"{t}: {path}")
@@ -84,6 +111,8 @@ def _mini_vtab(a: argparse.Namespace) -> int:
 
 
 def _generate(a: argparse.Namespace) -> int:
+    _check_out(a.out)
+    _check_counts(size=a.size, workers=a.workers)
     n_train, n_val, n_test = procedural_sizes(a.n)
     path = write_procedural_task(a.task, os.path.join(a.out, a.task), n_train, n_val, n_test, a.seed, a.size,
                                  a.workers, a.force)
@@ -92,6 +121,7 @@ def _generate(a: argparse.Namespace) -> int:
 
 
 def _check(a: argparse.Namespace) -> int:
+    _check_counts(workers=a.workers)
     fmt, reports = check_dataset(DataConfig(root=a.root, format=a.format), a.split, a.workers)
     print(format_reports(fmt, a.root, reports))
     raise_if_bad(a.root, reports)

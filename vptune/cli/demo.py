@@ -36,7 +36,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise VptuneError(f"--threads must be >= 1, got {args.threads}")
+    _check_paths(args)
     run_demo(DemoOptions(out=args.out, cache=args.cache, assets=args.assets, no_assets=args.no_assets,
                          quick=args.quick, threads=args.threads, seed=args.seed,
                          progress=not args.no_progress))
     return 0
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Folders the demo writes or reads, checked before minutes of pretraining (not after)."""
+    from pathlib import Path
+
+    from vptune.errors import VptuneError
+
+    for flag, value in (("--out", args.out), ("--cache", args.cache)):
+        if value is not None and Path(value).exists() and not Path(value).is_dir():
+            raise VptuneError(f"{flag} {value} is a file, not a folder")
+    if args.assets is not None and not Path(args.assets).is_dir():
+        raise VptuneError(f"--assets {args.assets} is not a folder" if Path(args.assets).exists()
+                          else f"--assets {args.assets} does not exist")

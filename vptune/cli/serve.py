@@ -20,6 +20,8 @@ from vptune.export import export_onnx
 from vptune.multitask import MultiTaskModel
 from vptune.serve import ServeConfig, check_bind, resolve_token, run_server
 
+MIN_OPSET, MAX_OPSET = 14, 23  # aten::scaled_dot_product_attention needs 14; torch's exporter knows up to 23
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
@@ -185,6 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
 
+    _check_serve_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = ServeConfig(
@@ -226,9 +229,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_serve_args(args: argparse.Namespace) -> None:
+    """The flags ServeConfig does not see (bind, threads, uvicorn) and the ones converted before it does."""
+    import math
+
+    if not 0 <= args.port <= 65535:
+        raise VptuneError(f"--port must be in 0..65535, got {args.port}")
+    if args.threads < 0:
+        raise VptuneError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    if args.limit_concurrency is not None and args.limit_concurrency < 1:
+        raise VptuneError(f"--limit-concurrency must be >= 1, got {args.limit_concurrency}")
+    if not 0 < args.max_upload_mb < math.inf:
+        raise VptuneError(f"--max-upload-mb must be a finite number > 0, got {args.max_upload_mb}")
+
+
+def _check_export_args(args: argparse.Namespace) -> None:
+    """Checked before the backbone is loaded: the output folder, the opset, the tolerances."""
+    import math
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise VptuneError(f"--out {args.out} is a file, not a folder")
+    if not MIN_OPSET <= args.opset <= MAX_OPSET:
+        raise VptuneError(f"--opset must be in {MIN_OPSET}..{MAX_OPSET} (attention exports from opset 14 on), "
+                          f"got {args.opset}")
+    for flag, value in (("--atol", args.atol), ("--rtol", args.rtol)):
+        if not 0 <= value < math.inf:
+            raise VptuneError(f"{flag} must be a finite number >= 0, got {value}")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if not args.task:
         raise VptuneError("give at least one --task to export")
+    _check_export_args(args)
     mt = build_multitask(args)
     manifest = export_onnx(
         mt, args.out, opset=args.opset, verify=not args.no_verify, atol=args.atol, rtol=args.rtol

@@ -10,6 +10,7 @@ import sys
 from vptune.cli import add_overrides_arg
 from vptune.engine import sweep as sweep_engine  # looked up at call time (tests replace sweep_engine.Env)
 from vptune.engine.report import to_markdown, write_report
+from vptune.errors import VptuneError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -72,6 +73,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
     out = args.out or str(Path(args.runs[0]) / "report")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise VptuneError(f"report folder {out} is a file, not a folder; choose another --out")
     report, files = write_report(args.runs, out, plots=not args.no_plots)
     sys.stdout.write(to_markdown(report, args.runs))
     print("\nwrote " + ", ".join(str(p) for p in files.values()), file=sys.stderr)

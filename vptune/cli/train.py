@@ -193,6 +193,7 @@ def preflight(cfg: Any) -> None:
         raise VptuneError(f"backbone weights {b.weights} do not exist (backbone.weights / --weights)")
     if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
         raise VptuneError(f"output {cfg.output} is a file, not a folder; choose another --output")
+    preflight_data(cfg.data)
     cls, _ = parse_method_name(cfg.method.name)
     cfg.method.options = coerce_fields(cls.options_cls, cfg.method.options, "method.options")
     if b.name is not None and b.config:
@@ -200,10 +201,53 @@ def preflight(cfg: Any) -> None:
         b.config = coerce_fields(type(config), b.config, "backbone.config")
 
 
+def preflight_data(d: Any) -> None:
+    """``data.root`` is given and, for ``format: auto``, names something a reader recognises (only the
+    folder is listed: nothing is decoded)."""
+    from vptune.data import detect_format
+    from vptune.errors import VptuneError
+
+    if not d.root:
+        raise VptuneError("no dataset given: set data.root (--data FOLDER)")
+    if d.format == "auto":
+        detect_format(d.root)
+
+
+def check_json_out(path: str | None) -> None:
+    """A ``--json OUT`` that cannot be written is refused before any work is done."""
+    from vptune.errors import VptuneError
+
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise VptuneError(f"--json {path} is a folder; give a file name")
+    if p.parent.exists() and not p.parent.is_dir():
+        raise VptuneError(f"--json {path}: {p.parent} is a file, not a folder")
+
+
+def check_resume(args: argparse.Namespace, output: str) -> None:
+    """``--resume`` with ``--overwrite`` is refused; a checkpoint that is not a torch archive (random bytes,
+    a truncated write) is refused before the backbone is loaded."""
+    import zipfile
+
+    from vptune.engine.checkpoint import CHECKPOINT
+    from vptune.errors import VptuneError
+
+    if args.resume and args.overwrite:
+        raise VptuneError("--resume and --overwrite exclude each other: continue the run, or start it over")
+    ckpt = Path(output) / CHECKPOINT
+    if args.resume and ckpt.is_file() and not zipfile.is_zipfile(ckpt):
+        raise VptuneError(f"cannot read checkpoint {ckpt}: corrupt or truncated (not a torch archive); "
+                          "pass --overwrite to start over")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     check_config_file(args.config)
+    check_json_out(args.json)
     cfg = load_config(args.config, train_overrides(args))
     preflight(cfg)
+    check_resume(args, cfg.output)
     _setup_logging()
     summary = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports (every process gets its summary)
@@ -229,6 +273,10 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise VptuneError(f"--batch-size must be >= 1 and --num-workers >= 0, got {args.batch_size} and "
+                          f"{args.num_workers}")
+    check_json_out(args.json)
     model, meta = _load_model(args)
     metrics = evaluate_task(model, args.data, args.split, data_format=args.format,
                             protocol=args.protocol or task_protocol(meta), batch_size=args.batch_size,
@@ -248,6 +296,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise VptuneError(f"--top-k must be >= 1, got {args.top_k}")
+    check_json_out(args.json)
     paths = expand_image_args(args.images)
     model, meta = _load_model(args)
     errors = unreadable_images(paths)

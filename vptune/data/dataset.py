@@ -128,12 +128,15 @@ class ArraySource(Source):
 
 
 class TFRecordSource(Source):
-    """Items are records of TFRecord files: ``index[i] = (file_number, data_offset, length)``."""
+    """Items are records of TFRecord files: ``index[i] = (file_number, data_offset, length)``.
+
+    ``pixel_scale``: a factor for images whose pixels are all 0 or 1 (TFDS dSprites; VTAB multiplies them by
+    255, see :data:`vptune.data.tfrecord.PIXEL_SCALE`); images with larger values are left as decoded."""
 
     def __init__(self, files: Sequence[str], index: Sequence[tuple[int, int, int]], image_key: str = "image",
-                 verify: bool = False) -> None:
+                 verify: bool = False, pixel_scale: int = 1) -> None:
         self.files, self.index = list(files), list(index)
-        self.image_key, self.verify = image_key, verify
+        self.image_key, self.verify, self.pixel_scale = image_key, verify, int(pixel_scale)
         self._handles: dict[int, object] = {}
         self._pid = os.getpid()
 
@@ -157,7 +160,12 @@ class TFRecordSource(Source):
         values = feats.get(self.image_key)
         if not values or not isinstance(values[0], bytes):
             raise VptuneError(f"{self.describe(i)} has no encoded image under feature {self.image_key!r}")
-        return decode_image(values[0], self.describe(i))
+        img = decode_image(values[0], self.describe(i))
+        if self.pixel_scale != 1:
+            arr = np.asarray(img)  # (H, W, 3) uint8
+            if arr.max(initial=0) <= 1:
+                img = Image.fromarray(arr * np.uint8(self.pixel_scale))
+        return img
 
     def describe(self, i: int) -> str:
         k, offset, _ = self.index[i]

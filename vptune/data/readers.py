@@ -18,7 +18,7 @@ import numpy as np
 
 from vptune.data.dataset import FileSource, Source, TFRecordSource
 from vptune.data.tasks import VTAB_SPLITS, VTAB_TASKS, canonical_task
-from vptune.data.tfrecord import DERIVED_LABELS, parse_example, read_record, scan_records
+from vptune.data.tfrecord import DERIVED_LABELS, PIXEL_SCALE, parse_example, read_record, scan_records
 from vptune.errors import VptuneError
 
 FORMATS = ("auto", "vtab", "class-folder", "fgvc", "tfrecord", "idx", "npz", "hf-disk")
@@ -352,6 +352,7 @@ class TFRecordReader(Reader):
             label_key = folder  # e.g. a folder "clevr_count" holding TFDS clevr shards
         self.image_key, self.label_key, self.label_divisor = image_key, label_key, float(label_divisor)
         self.derived = DERIVED_LABELS.get(label_key)
+        self.pixel_scale = PIXEL_SCALE.get(label_key, 1)  # dSprites: 0/1 pixels x 255, as VTAB does
         if self.derived is not None and not num_classes:
             num_classes = self.derived[2]
         self._files: dict[str, list[str]] = {}
@@ -443,4 +444,4 @@ class TFRecordReader(Reader):
             records.extend((k + base, off, n) for k, off, n in rec[a:b])
             labels.extend(lab[a:b])
         self.finish()
-        return TFRecordSource(files, records, self.image_key), labels
+        return TFRecordSource(files, records, self.image_key, pixel_scale=self.pixel_scale), labels

@@ -291,3 +291,10 @@ DERIVED_LABELS["clevr_count"] = DERIVED_LABELS["clevr/count_all"]
 DERIVED_LABELS["clevr_dist"] = DERIVED_LABELS["clevr/closest_object_distance"]
 DERIVED_LABELS["dsprites_loc"] = DERIVED_LABELS["dsprites/label_x_position"]
 DERIVED_LABELS["dsprites_ori"] = DERIVED_LABELS["dsprites/label_orientation"]
+
+# Pixel scale per label rule: TFDS dSprites stores its (64, 64, 1) images with values 0/1, and VTAB
+# multiplies them by 255 (task_adaptation, task_adaptation/data/dsprites.py, both preprocess fns:
+# ``image = tf.tile(x["image"], [1, 1, 3]) * 255``). Rules not listed keep their pixels as decoded.
+PIXEL_SCALE: dict[str, int] = {
+    name: 255 for name in DERIVED_LABELS if name.startswith("dsprites")
+}

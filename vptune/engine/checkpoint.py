@@ -88,7 +88,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- corrupt zip, truncated file, foreign pickle
         raise VptuneError(f"cannot read checkpoint {path}: corrupt, truncated or not a vptune checkpoint "
-                          f"({type(e).__name__}: {str(e)[:200]})") from None
+                          f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     check_format_stamp(state, path, FORMAT, FORMAT_VERSION, what="run checkpoint",
                        version_label="checkpoint format")
     return state

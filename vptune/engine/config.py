@@ -226,8 +226,8 @@ def validate_config(cfg: TrainConfig) -> None:
     _check_lr_scale(o.lr_scale)
     positive = {"optim.batch_size": o.batch_size, "optim.epochs": o.epochs}
     for key, value in positive.items():
-        if value < 1:
-            raise VptuneError(f"{key} must be >= 1, got {value}")
+        if not 1 <= value < 2**31:
+            raise VptuneError(f"{key} must be an integer in 1..{2**31 - 1}, got {value}")
     nonneg = {"optim.base_lr": o.base_lr if o.base_lr is not None else 0.0,
               "optim.divergence_factor": o.divergence_factor,
               "optim.weight_decay": o.weight_decay, "optim.min_lr": o.min_lr,
@@ -268,7 +268,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise VptuneError(f"config file {path} is not valid YAML: {e}") from None
+        raise VptuneError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -24,6 +24,9 @@
 - validation and test split by stride over the processes; confusion matrix, top-5 hits, loss sum and
   counts are summed across processes, so every process gets the metrics of the whole split;
 - only rank 0 writes the run folder (config, metrics, TensorBoard, checkpoint, task, result) and logs;
+  it holds the folder's run lock (:class:`~vptune.engine.runlock.RunLock`) for the whole run, and the
+  other processes wait for it to be taken, so a second launch (or a one-process run) on the same output is
+  refused on every process, naming the owner;
   ``--resume`` works as in one process (every process reads the checkpoint, so a multi-node run needs
   the output folder on a shared filesystem).
 
@@ -52,6 +55,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from vptune.engine.checkpoint import CHECKPOINT
 from vptune.engine.evaluate import accumulate, compute_metrics, make_loader
+from vptune.engine.runlock import RunLock
 from vptune.engine.trainer import PARALLEL_LAUNCHERS, Trainer, build_trainer, prepare_output
 from vptune.errors import VptuneError
 
@@ -374,15 +378,22 @@ def run_training_ddp(cfg: Any, *, resume: bool = False, overwrite: bool = False,
             log.setLevel(logging.WARNING)
             cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, progress=False))
         out = Path(cfg.output)
-        stored = ctx.run_on_main(lambda: prepare_output(out, cfg, resume=resume, overwrite=overwrite))
-        if stored is not None:
-            logger.info("%s already holds a finished run of this config: returning its result", out)
-            return stored
-        logger.info("data-parallel training: %d processes (%s), global batch %d = %d per process",
-                    ctx.world_size, ctx.backend, cfg.optim.batch_size, cfg.optim.batch_size // ctx.world_size)
-        trainer = build_trainer(cfg, ctx.device, datasets=datasets, backbone=backbone, num_classes=num_classes,
-                                label_names=label_names, trainer_cls=functools.partial(DistributedTrainer, ctx=ctx))
-        return trainer.run(resume=resume)
+        lock = RunLock(out)
+        # rank 0 takes the lock; the others wait in the broadcast (a barrier) and get its refusal, if any
+        ctx.run_on_main(lock.acquire)
+        try:
+            stored = ctx.run_on_main(lambda: prepare_output(out, cfg, resume=resume, overwrite=overwrite))
+            if stored is not None:
+                logger.info("%s already holds a finished run of this config: returning its result", out)
+                return stored
+            logger.info("data-parallel training: %d processes (%s), global batch %d = %d per process",
+                        ctx.world_size, ctx.backend, cfg.optim.batch_size, cfg.optim.batch_size // ctx.world_size)
+            trainer = build_trainer(cfg, ctx.device, datasets=datasets, backbone=backbone,
+                                    num_classes=num_classes, label_names=label_names,
+                                    trainer_cls=functools.partial(DistributedTrainer, ctx=ctx))
+            return trainer.run(resume=resume)
+        finally:
+            lock.release()  # rank 0 only: the others never held it
     finally:
         log.setLevel(level)
         ctx.close()

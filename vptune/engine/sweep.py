@@ -58,7 +58,7 @@ from vptune.engine.sweep_plan import (  # noqa: F401
     select_best,
     selection_key,
 )
-from vptune.engine.sweep_registry import BACKENDS, backend_factory, register_backend  # noqa: F401
+from vptune.engine.sweep_registry import BACKENDS, backend_factory, check_backend, register_backend  # noqa: F401
 
 # the spec half, re-exported: vptune.engine.sweep.<name> keeps working
 from vptune.engine.sweep_spec import (  # noqa: F401
@@ -111,12 +111,16 @@ def run_sweep(spec: SweepSpec, *, backend: str | None = None, env: Env | None = 
     ``hours_per_run`` (an estimate of one run's hours) makes the cost include GPU-hours before any run has
     finished. Jobs a backend reports failed (after its retries) are listed in ``<output>/failures.json``
     and in the log, and raise a VptuneError once their stage is over (re-running retries just them)."""
+    name = backend or spec.backend
+    options = {k: v for k, v in (backend_options or {}).items() if v is not None}
+    check_backend(name)  # a dry run is refused the same settings as a real one
+    _check_numbers(options, hours_per_run)
+    if Path(spec.output).exists() and not Path(spec.output).is_dir():
+        raise VptuneError(f"sweep output {spec.output} is a file, not a folder")
     grid = plan_grid(spec)
     states = {r.folder: run_state(r) for r in grid}
     _check_stale(grid, states, overwrite_stale or dry_run)
     est = estimate_cost(spec, grid, states)
-    name = backend or spec.backend
-    options = {k: v for k, v in (backend_options or {}).items() if v is not None}
     compute = format_compute(est, hours_per_run, _gpus_per_run(spec, name, options))
     log(format_estimate(spec, grid, est) + (f"\n{compute}" if compute else ""))
     env = env or Env()
@@ -182,3 +186,14 @@ def _gpus_per_run(spec: SweepSpec, backend: str, options: dict[str, Any]) -> flo
     return 1.0
 
 
+
+
+def _check_numbers(options: dict[str, Any], hours_per_run: float | None) -> None:
+    """Resources and retries are finite and not negative; one run's hours are finite and positive."""
+    import math
+
+    for key, value in options.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < math.inf:
+            raise VptuneError(f"{key} must be a finite number >= 0, got {value}")
+    if hours_per_run is not None and not 0 < hours_per_run < math.inf:
+        raise VptuneError(f"hours_per_run must be a finite number > 0, got {hours_per_run}")

@@ -121,11 +121,14 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:
     """Read a sweep YAML file; ``overrides`` (``"optim.epochs=1"``) apply to its base train config."""
     path = Path(path)
     if not path.is_file():
-        raise VptuneError(f"sweep file {str(path)!r} does not exist")
+        raise VptuneError(f"sweep file {str(path)!r} " + ("is a folder, not a file" if path.is_dir()
+                                                          else "does not exist"))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise VptuneError(f"sweep file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError:
+        raise VptuneError(f"sweep file {path} is not a text (YAML) file") from None
     spec = parse_sweep(data or {}, base_dir=path.parent, overrides=overrides)
     spec.name = spec.name or path.stem
     return spec

@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Protocol
 from torch import Tensor, nn
 
 from vptune.backbones.base import Backbone, Taps, Tokens
+from vptune.checks import coerce_fields
 from vptune.errors import VptuneError, check_choice
 
 METHODS: dict[str, type[Method]] = {}
@@ -242,12 +243,14 @@ def parse_method_name(name: str) -> tuple[type[Method], dict[str, Any]]:
 
 
 def parse_options(cls: type[Method], options: dict[str, Any]) -> Any:
-    """Build ``cls.options_cls`` from keyword options, refusing unknown keys with the valid ones."""
+    """Build ``cls.options_cls`` from keyword options, refusing unknown keys with the valid ones and values
+    of the wrong type (converted to the field's type where they can be: ``"8"`` -> 8)."""
     fields = {f.name: f for f in dataclasses.fields(cls.options_cls)}
     unknown = sorted(set(options) - set(fields))
     if unknown:
         valid = ", ".join(sorted(fields)) or "(none)"
         raise VptuneError(f"method {cls.name!r} has no option(s) {unknown}; valid options: {valid}")
+    options = coerce_fields(cls.options_cls, options, f"method {cls.name!r} options")
     try:
         opts = cls.options_cls(**options)
     except TypeError as e:
@@ -264,7 +267,12 @@ def build_method(name: str, backbone: Backbone, **options: Any) -> Method:
     for key, value in implied.items():
         if key in options and options[key] != value:
             raise VptuneError(f"method {name!r} implies {key}={value}, but options give {key}={options[key]}")
-    method = cls(backbone, parse_options(cls, {**options, **implied}))
+    opts = parse_options(cls, {**options, **implied})
+    try:
+        method = cls(backbone, opts)
+    except (RuntimeError, MemoryError, OverflowError) as e:  # sizes no tensor can have
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise VptuneError(f"cannot build method {name!r} with options {opts}: {first}") from None
     method._changes_backbone = trains_backbone(method.trainable_patterns(backbone), backbone)
     return method
 

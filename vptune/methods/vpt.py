@@ -28,6 +28,7 @@ from vptune.methods.prototype import block_tokens, kmeans
 
 INITS = ("uniform", "normal", "zeros", "prototype")
 LOCATIONS = ("prepend", "add")
+MAX_TOKENS = 10_000  # a sanity bound (the paper's sweep tops out at 200, Fig. 7): more is a typo
 
 
 @dataclass
@@ -54,8 +55,8 @@ class VPTOptions:
     def validate(self) -> None:
         check_choice("prompt init", self.init, INITS)
         check_choice("prompt location", self.location, LOCATIONS)
-        if self.num_tokens < 0:
-            raise VptuneError(f"num_tokens must be >= 0 (0: no prompts), got {self.num_tokens}")
+        if not 0 <= self.num_tokens <= MAX_TOKENS:
+            raise VptuneError(f"num_tokens must be in 0..{MAX_TOKENS} (0: no prompts), got {self.num_tokens}")
         if not 0.0 <= self.dropout < 1.0:
             raise VptuneError(f"prompt dropout must be in [0, 1), got {self.dropout}")
         if self.project_dim < 0:

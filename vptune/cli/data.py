@@ -10,6 +10,7 @@ from vptune.data.check import check_dataset, format_reports, raise_if_bad
 from vptune.data.mini_vtab import build_mini_vtab, procedural_sizes, write_procedural_task
 from vptune.data.vtab import vtab1k_from_class_folder
 from vptune.data.vtab_arrays import is_array_dataset, vtab1k_from_dataset
+from vptune.errors import VptuneError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -75,14 +76,12 @@ def _no_subcommand(p: argparse.ArgumentParser) -> int:
 
 def _check_out(out: str) -> None:
     """``--out`` must be a folder (or not exist yet), checked before anything is read or rendered."""
-    from vptune.errors import VptuneError
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise VptuneError(f"--out {out} is a file, not a folder")
 
 
 def _check_counts(**counts: int | None) -> None:
-    from vptune.errors import VptuneError
 
     for flag, value in counts.items():
         if value is not None and value < 1:

@@ -47,7 +47,6 @@ def _check_paths(args: argparse.Namespace) -> None:
     """Folders the demo writes or reads, checked before minutes of pretraining (not after)."""
     from pathlib import Path
 
-    from vptune.errors import VptuneError
 
     for flag, value in (("--out", args.out), ("--cache", args.cache)):
         if value is not None and Path(value).exists() and not Path(value).is_dir():

@@ -21,9 +21,10 @@ from vptune.artifact import atomic_write_json, read_task_json
 from vptune.backbones.registry import resolve
 from vptune.checks import coerce_fields
 from vptune.cli import add_overrides_arg
-from vptune.data import load_image
+from vptune.data import detect_format, load_image
 from vptune.data.readers import _images_under
 from vptune.engine import load_config, run_training
+from vptune.engine.checkpoint import CHECKPOINT
 from vptune.engine.tasks import (
     describe,
     evaluate_task,
@@ -204,8 +205,6 @@ def preflight(cfg: Any) -> None:
 def preflight_data(d: Any) -> None:
     """``data.root`` is given and, for ``format: auto``, names something a reader recognises (only the
     folder is listed: nothing is decoded)."""
-    from vptune.data import detect_format
-    from vptune.errors import VptuneError
 
     if not d.root:
         raise VptuneError("no dataset given: set data.root (--data FOLDER)")
@@ -215,7 +214,6 @@ def preflight_data(d: Any) -> None:
 
 def check_json_out(path: str | None) -> None:
     """A ``--json OUT`` that cannot be written is refused before any work is done."""
-    from vptune.errors import VptuneError
 
     if path is None:
         return
@@ -231,8 +229,6 @@ def check_resume(args: argparse.Namespace, output: str) -> None:
     a truncated write) is refused before the backbone is loaded."""
     import zipfile
 
-    from vptune.engine.checkpoint import CHECKPOINT
-    from vptune.errors import VptuneError
 
     if args.resume and args.overwrite:
         raise VptuneError("--resume and --overwrite exclude each other: continue the run, or start it over")

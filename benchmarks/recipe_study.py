@@ -142,12 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     args.weights = str(Path(args.assets or ".") / "weights" / WEIGHTS_NAME)
     t0 = time.time()
     rows = run_all(args)
+    writes = not args.report_only
+    if args.methods:  # the results file holds every finished arm, not only those run now
+        args.report_only, args.methods = True, None
+        rows = run_all(args)
     out = {"what": __doc__.splitlines()[0], "fit": "train800", "scored_on": "val200 (last epoch)",
            "epochs": args.epochs, "batch_size": 32, "input_size": 112, "seed": 0,
            "command": "python benchmarks/recipe_study.py " + " ".join(argv or sys.argv[1:]),
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
            "machine": machine_info(), "wall_s": round(time.time() - t0, 1), "runs": rows}
-    if not args.report_only:
+    if writes:
         RESULTS.write_text(json.dumps(out, indent=1) + "\n")
     print(table(rows))
     return 0

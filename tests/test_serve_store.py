@@ -4,7 +4,6 @@ server's own checks of task files), the API token and the bind rule."""
 from __future__ import annotations
 
 import hashlib
-
 import json
 import time
 

@@ -441,8 +441,12 @@ def test_example_sweeps_parse() -> None:
     assert len(spec.tasks) == 19 and [m.label for m in spec.methods] == ["vpt-deep", "linear", "full"]
     vpt, lin, full = spec.methods
     assert vpt.grid.axes["num_tokens"] == [1, 5, 10, 50, 100, 200] and vpt.options["dropout"] == 0.1
-    assert len(lin.grid.lr) * len(lin.grid.wd) == 40 and full.grid.lr == [0.001, 0.0001, 0.0005, 0.005]
+    assert lin.grid.lr == [3e-3, 1e-2] and full.grid.lr == [3e-5, 1e-4]  # vptune's recipe: the methods' grids
     assert spec.seeds == [42, 44, 82] and spec.grid_seed == 42
+    ref = S.load_sweep(root / "vtab1k_reference.yaml")  # the paper's recipe, grids and five seeds
+    assert ref.base["recipe"] == "reference" and ref.seeds == [42, 44, 82, 100, 800]
+    _, rlin, rfull = ref.methods
+    assert len(rlin.grid.lr) * len(rlin.grid.wd) == 40 and rfull.grid.lr == [0.001, 0.0001, 0.0005, 0.005]
 
 
 def test_feature_cache_follows_the_split_file(tmp_path: Path, weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from vptune.demo import DemoOptions, run_demo
+import vptune.demo as demo_lib  # run_demo looked up at call time (tests replace it)
+from vptune.demo import DemoOptions
 from vptune.errors import VptuneError
 
 
@@ -37,7 +38,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise VptuneError(f"--threads must be >= 1, got {args.threads}")
     _check_paths(args)
-    run_demo(DemoOptions(out=args.out, cache=args.cache, assets=args.assets, no_assets=args.no_assets,
+    demo_lib.run_demo(DemoOptions(out=args.out, cache=args.cache, assets=args.assets, no_assets=args.no_assets,
                          quick=args.quick, threads=args.threads, seed=args.seed,
                          progress=not args.no_progress))
     return 0

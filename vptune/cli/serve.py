@@ -13,12 +13,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import vptune.serve as serve_lib  # run_server looked up at call time (tests replace it)
 from vptune.artifact import read_task_json
 from vptune.backbones import create_backbone
 from vptune.errors import VptuneError
 from vptune.export import export_onnx
 from vptune.multitask import MultiTaskModel
-from vptune.serve import ServeConfig, check_bind, resolve_token, run_server
+from vptune.serve import ServeConfig, check_bind, resolve_token
 
 MIN_OPSET, MAX_OPSET = 14, 23  # aten::scaled_dot_product_attention needs 14; torch's exporter knows up to 23
 
@@ -218,7 +219,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         + (f"; more load on first use from {args.task_root}" if args.task_root else ""),
         flush=True,
     )
-    run_server(
+    serve_lib.run_server(
         mt,
         cfg,
         host=args.host,

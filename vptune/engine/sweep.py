@@ -1,30 +1,5 @@
-"""``vptune sweep``: the VTAB-1k protocol, written once, for every method.
-
-The protocol (VPT paper Sec. 4.1; REFERENCE.md "Training recipe", VTAB-1k protocol):
-
-1. **Grid.** Every setting of the grid axes -- base lr x weight decay, optionally the method's declared sweep axes (VPT: prompt
-   length ``num_tokens``) and data fraction (the paper's data-scale study) -- trains on ``train800`` and
-   is scored on ``val200`` at its last epoch. Grid runs never open the test split.
-2. **Selection** (:func:`select_best`), per task, method and fraction: the highest val top-1. Ties (equal
-   when rounded to 6 decimals) go to the smaller lr (the paper's rule), then to the smaller weight decay, then to the
-   shorter prompt. The last two are vptune's choice: among equally good settings, prefer the least
-   regularised and cheapest one; any fixed order keeps the choice deterministic. The test split is never
-   consulted.
-3. **Final.** The chosen setting retrains on ``train800val200`` (1,000 images) once per seed (default 3)
-   and reports last-epoch test top-1 (``vptune report`` aggregates it).
-
-A sweep is data (YAML, see :func:`~vptune.engine.sweep_spec.parse_sweep` and ``configs/sweeps/``) and its
-runs are idempotent by folder::
-
-    <output>/<task>/<method>/grid/lr{lr}_wd{wd}[_p{num_tokens}...][_frac{fraction}]/   one grid run (one _{short}{value} per sweep axis)
-    <output>/<task>/<method>/selection.json                                          every score, the choice
-    <output>/<task>/<method>/final/seed{s}[_frac{fraction}]/                         one final run
-
-A folder whose ``result.json`` holds the same config is finished and never trained again. Linear-probe
-grids (and finals) train every head in one pass on cached frozen features (:mod:`vptune.engine.features`).
-Runs execute through a backend (:data:`BACKENDS`; ``"local"``: sequentially in this process; ``"ray"``:
-as Ray tasks over a cluster, :mod:`vptune.engine.ray_backend`). Jobs that fail after the backend's retries
-are listed in ``<output>/failures.json`` and end the sweep with an error once their stage is over.
+"""``vptune sweep``: the driver that plans (:mod:`vptune.engine.sweep_plan`, whose docstring states the
+VTAB-1k protocol and the run-folder layout), selects and executes (:mod:`vptune.engine.sweep_exec`) a sweep.
 """
 
 from __future__ import annotations

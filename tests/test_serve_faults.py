@@ -87,7 +87,8 @@ def test_a_huge_task_computes_while_healthz_and_other_tasks_answer(tmp_path):
     with running(create_app(MultiTaskModel(backbone), ServeConfig(task_root=str(tmp_path)))) as client:
         r = _predict(client, "huge", _png())
         assert r.status_code == 422 and "input_size' is 4096; this server accepts 1 to 1024" in r.text
-    cfg = ServeConfig(task_root=str(tmp_path), max_input_size=4096, request_timeout_s=4.0, compute_workers=2)
+    # a deadline well below the huge pass (seconds even on an idle machine: 512x512 tokens), so it fires
+    cfg = ServeConfig(task_root=str(tmp_path), max_input_size=4096, request_timeout_s=0.75, compute_workers=2)
     with running(create_app(MultiTaskModel(backbone), cfg)) as client:
         assert _predict(client, "small", _png()).status_code == 200
         huge: dict = {}
@@ -115,7 +116,7 @@ def test_a_huge_task_computes_while_healthz_and_other_tasks_answer(tmp_path):
         thread.join(30)
         assert still >= 1, "the huge batch finished too early to show anything"
         assert worst < 1.0, f"/healthz took {worst:.2f} s while the huge task computed"
-        assert huge["r"].status_code == 504 and huge["s"] < 7.0, (huge["r"].text, huge["s"])
+        assert huge["r"].status_code == 504 and huge["s"] < 4.0, (huge["r"].text, huge["s"])
         assert _no_5xx_except_504(client)
 
 

@@ -223,3 +223,12 @@ def test_task_with_an_unknown_head_norm_is_refused(tmp_path):
     (tmp_path / "t" / "task.json").write_text(json.dumps(meta))
     with pytest.raises(VptuneError, match="head_norm must be one of none, batchnorm"):
         TunedModel.from_pretrained(tmp_path / "t", backbone=bb)
+
+
+def test_one_pass_linear_sweep_only_for_the_sgd_probe():
+    """vptune's recipe trains the linear probe with AdamW, which the one-pass (SGD) sweep does not do."""
+    from vptune.engine.features import one_pass_eligible
+
+    assert "adamw" in one_pass_eligible(config_from_dict({"method": {"name": "linear"}}))
+    sgd = config_from_dict({"method": {"name": "linear"}, "optim": {"optimizer": "paper"}})
+    assert one_pass_eligible(sgd) is None

@@ -401,7 +401,8 @@ def test_one_pass_matches_the_trainer_and_caches_features(tmp_path: Path, data_r
 
 def test_sweep_end_to_end(tmp_path: Path, data_root: Path, weights: Path) -> None:
     d = sweep_dict(tmp_path, data_root, weights,
-                   methods=[{"name": "vpt-deep", "options": {"num_tokens": 2}}, "linear"],
+                   methods=[{"name": "vpt-deep", "options": {"num_tokens": 2}},
+                            {"name": "linear", "config": {"optim": {"optimizer": "paper"}}}],  # SGD: one pass
                    tasks={"root": str(data_root), "names": ["toy"]})
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump(d))

@@ -389,8 +389,10 @@ def one_pass_eligible(cfg: Any) -> str | None:
     """None when a config can train in a one-pass linear sweep, else why not (a sentence)."""
     if not is_head_only(cfg.method.name):
         return f"method {cfg.method.name!r} is not the linear probe"
-    if cfg.optim.optimizer not in ("auto", "paper", "sgd"):
-        return f"optimizer {cfg.optim.optimizer!r} (the one-pass sweep implements SGD with momentum)"
+    cls, _ = parse_method_name(cfg.method.name)
+    optimizer = {"auto": cls.optimizer, "paper": cls.paper_optimizer}.get(cfg.optim.optimizer, cfg.optim.optimizer)
+    if optimizer != "sgd":
+        return f"optimizer {optimizer!r} (the one-pass sweep implements SGD with momentum)"
     if cfg.optim.schedule != "step" or cfg.optim.lr_scale:
         return "a per-epoch schedule or per-group lr factors are set (the one-pass sweep steps per iteration)"
     if cfg.method.head_norm != "none" or cfg.method.head_init != "small":

@@ -33,7 +33,7 @@ from vptune.artifact import atomic_write_bytes
 from vptune.data import DataConfig, open_split
 from vptune.engine.config import COSMETIC_KEYS, config_diff, config_to_dict, dump_config
 from vptune.engine.evaluate import MetricAccumulator, resolve_device
-from vptune.engine.optim import WarmupCosine, scaled_lr
+from vptune.engine.optim import WarmupCosine, method_optimizer, scaled_lr
 from vptune.engine.runfolder import (
     CONFIG_FILE,
     RESULT_FILE,
@@ -390,7 +390,7 @@ def one_pass_eligible(cfg: Any) -> str | None:
     if not is_head_only(cfg.method.name):
         return f"method {cfg.method.name!r} is not the linear probe"
     cls, _ = parse_method_name(cfg.method.name)
-    optimizer = {"auto": cls.optimizer, "paper": cls.paper_optimizer}.get(cfg.optim.optimizer, cfg.optim.optimizer)
+    optimizer = method_optimizer(cls, cfg.optim.optimizer)
     if optimizer != "sgd":
         return f"optimizer {optimizer!r} (the one-pass sweep implements SGD with momentum)"
     if cfg.optim.schedule != "step" or cfg.optim.lr_scale:

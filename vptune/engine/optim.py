@@ -23,22 +23,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from vptune.engine.config import OptimCfg
+from vptune.engine.config import OPTIMIZERS, OptimCfg
 from vptune.errors import VptuneError, check_choice
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
               nn.modules.instancenorm._InstanceNorm)
 
 
-def resolve_optimizer_name(optim: OptimCfg, model: nn.Module) -> str:
-    """``optim.optimizer``: ``auto`` = the method's in vptune's recipe, ``paper`` = the paper's (Sec. 4.1)."""
-    check_choice("optimizer", optim.optimizer, ("auto", "paper", "sgd", "adamw"))
-    method = getattr(model, "method", None)
-    if optim.optimizer == "auto":
+def method_optimizer(method: Any, choice: str) -> str:
+    """The optimiser ``choice`` means for ``method`` (a Method or its class): ``auto`` = the method's in
+    vptune's recipe, ``paper`` = the paper's (Sec. 4.1), else the named one."""
+    check_choice("optimizer", choice, OPTIMIZERS)
+    if choice == "auto":
         return str(getattr(method, "optimizer", "sgd"))
-    if optim.optimizer == "paper":
+    if choice == "paper":
         return str(getattr(method, "paper_optimizer", "sgd"))
-    return optim.optimizer
+    return choice
+
+
+def resolve_optimizer_name(optim: OptimCfg, model: nn.Module) -> str:
+    """``optim.optimizer`` resolved for ``model``'s method (:func:`method_optimizer`)."""
+    return method_optimizer(getattr(model, "method", None), optim.optimizer)
 
 
 def scaled_lr(optim: OptimCfg, model: nn.Module | None = None) -> float:

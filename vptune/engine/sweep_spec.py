@@ -23,6 +23,7 @@ from vptune.engine.config import (
     set_dotted,
     validate_config,
 )
+from vptune.engine.optim import method_optimizer
 from vptune.engine.sweep_registry import check_backend
 from vptune.errors import VptuneError, check_choice
 from vptune.methods.base import METHODS, list_methods, parse_method_name, parse_options
@@ -268,8 +269,7 @@ def _parse_method(entry: Any, i: int, grid: GridSpec, base: dict[str, Any]) -> M
     _check_axes(mgrid, cls, name, options, implied)
     config = entry.get("config") or {}
     merged = config_from_dict(_deep_merge(base, config))  # refuses unknown keys, listing the valid ones
-    optimizer = {"auto": cls.optimizer, "paper": cls.paper_optimizer}.get(merged.optim.optimizer,
-                                                                           merged.optim.optimizer)
+    optimizer = method_optimizer(cls, merged.optim.optimizer)
     if merged.recipe == "reference":  # the paper's grids (REFERENCE.md "Training recipe")
         default_lrs, default_wds = PAPER_SGD_LRS if optimizer == "sgd" else PAPER_ADAMW_LRS, PAPER_WDS
     else:  # vptune's recipe: the method's grid for its optimiser, chosen by the recipe study

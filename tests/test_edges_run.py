@@ -172,7 +172,7 @@ def test_sigint_through_the_cli_exits_130_and_says_how_to_resume(tmp_path, monke
 # ------------------------------------------------------------------------------------------ SIGKILL
 
 CHILD = r"""
-import sys, torch
+import sys, time, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {repo!r})
 from tests.test_edges_run import backbone, cfg, splits
@@ -182,8 +182,11 @@ torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # torch imports d
 out = Path({out!r})
 print("ready", flush=True)
 for i in range(1000):
+    t0 = time.monotonic()
     run_training(cfg(out, epochs=3), overwrite=(i % 3 != 2), resume=(i % 3 == 2), datasets=splits(),
                  backbone=backbone())
+    print(f"done {{time.monotonic() - t0:.3f}}", flush=True)
+    time.sleep(0.5)  # a finished task sits in the folder while the process is still alive
 """
 
 
@@ -208,17 +211,25 @@ def check_run_folder(out: Path, bb: VisionTransformer) -> dict[str, bool]:
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_leaves_a_half_written_task_or_checkpoint(tmp_path):
+    """Every other kill lands at a random moment inside a run (checkpoints being written, tasks being
+    saved); the others land just after a run finished (a complete task present). The run's duration is
+    measured on this machine first, so the random kills cover a whole run however fast the CPU is."""
     out, bb = tmp_path / "run", backbone()
     rng = np.random.default_rng(15)
     seen: dict[str, int] = {"checkpoint": 0, "task": 0, "result": 0}
-    budget = time.monotonic() + 60
-    kills = 0
+    budget = time.monotonic() + 90
+    kills, run_s = 0, None
     while kills < 14 and time.monotonic() < budget:
         child = subprocess.Popen([sys.executable, "-c", CHILD.format(repo=str(REPO), out=str(out))],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert child.stdout.readline().strip() == "ready", child.stderr.read()
-        time.sleep(float(rng.uniform(0.0, 1.2)))  # one run takes ~0.2 s: kills land all over it
+        if run_s is None or kills % 2:  # wait for a finished run, kill while it sits there
+            line = child.stdout.readline().split()
+            assert line and line[0] == "done", child.stderr.read()
+            run_s = run_s or float(line[1])
+        else:  # anywhere in the first run or just past it
+            time.sleep(float(rng.uniform(0.0, 1.2 * run_s)))
         child.send_signal(signal.SIGKILL)
         child.wait()
         assert child.returncode == -signal.SIGKILL, child.stderr.read()  # it was still working when killed

@@ -48,7 +48,7 @@ CASES = {
                                  "method.options.num_tokens must be int, got 'abc'"),
     "backbone config of the wrong type": (["--set", "backbone.config.depth=abc"],
                                           "backbone.config.depth must be int, got 'abc'"),
-    "seed too large": (["--set", "runtime.seed=1.0e+20"], "runtime.seed must be an integer in 0..4294967295"),
+    "seed too large": (["--set", "runtime.seed=1.0e+20"], "runtime.seed must be an integer in the int64 range"),
     "seed too large as an int": (["--set", "runtime.seed=100000000000000000000"], "runtime.seed must be an"),
 }
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from vptune.checks import scalar
 from vptune.engine.recipes import with_recipe
 from vptune.errors import VptuneError, check_choice
 from vptune.methods.base import HEAD_INITS, HEAD_NORMS
@@ -317,38 +318,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _scalar(value: Any, tp: type, key: str) -> Any:
-    bad = VptuneError(f"{key} must be {tp.__name__}, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
-            return value.lower() in ("true", "yes", "on")
-        raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise bad from None
-    if tp is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise bad
+    """``checks.scalar`` (whole-number ints, finite floats, yes/no bools), except that a config string field
+    also takes a YAML number or bool as its text (``--set data.train_split=800`` means the split "800")."""
+    if tp is str and isinstance(value, (int, float)):
         return str(value)
-    return value
+    return scalar(value, tp, key)
 
 
 def _diff(a: Any, b: Any, prefix: str, out: list[str]) -> None:

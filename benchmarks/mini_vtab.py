@@ -19,7 +19,10 @@ What it does, in order:
 4. runs the sweep (the VTAB-1k protocol of ``vptune sweep``: grid on train800 scored on val200, the best
    setting retrained on train800val200 per seed and tested). Every run lives in its own folder under
    ``--out`` and a finished folder is never retrained, so an interrupted benchmark resumes where it
-   stopped when the same command runs again. ``--budget-minutes`` stops cleanly between two runs;
+   stopped when the same command runs again. Each finished run's ``result.json`` is also mirrored into a
+   tracked ledger (``--ledger``, default ``benchmarks/results/<sweep name>_runs/``, see
+   ``benchmarks/_ledger.py``) and restored from it before planning, so a fresh checkout resumes too:
+   commit the ledger with the results. ``--budget-minutes`` stops cleanly between two runs;
 5. writes ``--results`` (default ``benchmarks/results/mini_vtab.json``: per task x method mean/std over
    seeds, group means, both overall means, trainable parameters, stored bytes, the selected settings,
    the per-run times) and, via ``vptune.engine.report.write_report``, ``report.md``, CSVs and PNG plots
@@ -47,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import _ledger
 from benchmarks._provenance import git_commit, machine_info
 from vptune.errors import VptuneError
 
@@ -299,9 +303,10 @@ class BudgetReached(Exception):
     """Raised between two runs once the time budget is spent."""
 
 
-def budget_env(deadline: float | None, quiet: bool) -> Any:
+def budget_env(deadline: float | None, quiet: bool, after_job: Any = None) -> Any:
     """A sweep :class:`~vptune.engine.sweep.Env` that refuses to start a job after ``deadline``
-    (``time.time()``) or when the last job of the same method would not fit before it."""
+    (``time.time()``) or when the last job of the same method would not fit before it, and calls
+    ``after_job()`` (the ledger export) after each job."""
     from vptune.engine.sweep import Env
 
     class BudgetEnv(Env):
@@ -318,6 +323,8 @@ def budget_env(deadline: float | None, quiet: bool) -> Any:
             t0 = time.time()
             super().execute(job)
             self.last[label] = time.time() - t0
+            if after_job is not None:
+                after_job()
 
     return BudgetEnv()
 
@@ -457,6 +464,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(used for the time estimate)")
     p.add_argument("--timing", default=str(DEFAULT_TIMING), help="calibration file (default: %(default)s)")
     p.add_argument("--overwrite-stale", action="store_true", help="retrain finished runs of another config")
+    p.add_argument("--ledger", default=None,
+                   help="tracked folder mirroring every finished run's result.json, restored into --out "
+                        "before planning so the benchmark resumes in a fresh checkout (default: "
+                        "benchmarks/results/<sweep name>_runs)")
+    p.add_argument("--no-ledger", action="store_true", help="neither restore nor export the ledger")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no per-epoch logs")
     return p.parse_args(argv)
@@ -467,18 +479,40 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     try:
         spec = load_spec(args)
+        ledger = sync_ledger(spec, args, restore=True)
         if args.report_only:
             md = write_outputs(spec, args, {"status": "report-only"})
             sys.stdout.write(md)
             return 0
         ensure_data(args, [t.name for t in spec.tasks])
-        return run(spec, args, t_start)
+        return run(spec, args, t_start, ledger)
     except VptuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def run(spec: Any, args: argparse.Namespace, t_start: float) -> int:
+def ledger_path(spec: Any, args: argparse.Namespace) -> Path | None:
+    if args.no_ledger:
+        return None
+    return Path(args.ledger) if args.ledger else ROOT / "benchmarks" / "results" / f"{spec.name}_runs"
+
+
+def sync_ledger(spec: Any, args: argparse.Namespace, *, restore: bool) -> Path | None:
+    """Restore the ledger into ``--out`` (``restore``) and export ``--out``'s finished runs into it
+    (``benchmarks/_ledger.py``); returns the ledger folder, None with ``--no-ledger``."""
+    ledger = ledger_path(spec, args)
+    if ledger is None:
+        return None
+    if restore:
+        n = _ledger.restore(ledger, Path(spec.output))
+        if n:
+            print(f"restored {n} finished run(s) from {ledger}", flush=True)
+    if not args.dry_run:
+        _ledger.export(Path(spec.output), ledger)
+    return ledger
+
+
+def run(spec: Any, args: argparse.Namespace, t_start: float, ledger: Path | None = None) -> int:
     import logging
 
     from vptune.engine.sweep import plan_grid, run_state, run_sweep
@@ -508,7 +542,8 @@ def run(spec: Any, args: argparse.Namespace, t_start: float) -> int:
         print(f"estimated time left: unknown, {how}", flush=True)
     extra: dict[str, Any] = {"estimate_s_at_start": _finite(secs)}
     deadline = t_start + 60 * args.budget_minutes if args.budget_minutes is not None else None
-    env = budget_env(deadline, args.quiet)
+    env = budget_env(deadline, args.quiet,
+                     None if ledger is None else lambda: _ledger.export(Path(spec.output), ledger))
     status = "complete"
     try:
         run_sweep(spec, env=env, dry_run=args.dry_run, overwrite_stale=args.overwrite_stale,

@@ -22,12 +22,12 @@ from typing import Any
 import yaml
 
 from vptune.checks import scalar
+from vptune.engine.evaluate import PRECISIONS
 from vptune.engine.recipes import with_recipe
 from vptune.errors import VptuneError, check_choice
 from vptune.methods.base import HEAD_INITS, HEAD_NORMS
 
 OPTIMIZERS = ("auto", "paper", "sgd", "adamw")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCALINGS = ("none", "linear")
 SCHEDULES = ("step", "epoch")
 NORMALIZATIONS = ("backbone", "imagenet")

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vptune.errors import VptuneError, check_choice
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # runtime.precision
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -56,7 +57,7 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_precision(device: torch.device, precision: str) -> str:
     """``auto`` -> bf16 on CUDA (when the GPU supports it) and on CPUs with native bf16, else fp32."""
-    check_choice("precision", precision, ("auto", "fp32", "bf16", "fp16"))
+    check_choice("precision", precision, PRECISIONS)
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -68,7 +69,7 @@ def resolve_precision(device: torch.device, precision: str) -> str:
 
 def check_precision(device: torch.device, precision: str) -> None:
     """auto or fp32 anywhere; bf16 on GPU or CPU; fp16 on GPU only (with a GradScaler when training)."""
-    check_choice("precision", precision, ("auto", "fp32", "bf16", "fp16"))
+    check_choice("precision", precision, PRECISIONS)
     if precision == "fp16" and device.type != "cuda":
         raise VptuneError("precision fp16 needs a CUDA device; use fp32 or bf16 on "
                           f"{device.type}")

@@ -56,3 +56,18 @@ def test_readme_train_example_learns(cmd, assets, tmp_path):
     assert result["status"] == "done" and losses[-1] < 0.8 * losses[0], losses
     classes = result["num_classes"]
     assert result["test"]["top1"] > 2 * 100.0 / classes, result["test"]["top1"]  # well above chance
+
+
+def test_readme_method_table_matches_the_registry():
+    """The method table lists every registered method, with the optimiser and peak lr each really
+    defaults to (``Method.optimizer``, ``Method.default_lr``) and its paper's optimiser."""
+    from vptune.methods.base import METHODS
+
+    rows = re.findall(r"^\| `([a-z-]+)` \| [^|]+ \| (SGD|AdamW) \| (SGD|AdamW) ([0-9.e-]+) \|",
+                      (ROOT / "README.md").read_text(), flags=re.MULTILINE)
+    names = {re.sub(r"-k$", "", name) for name, *_ in rows}
+    assert names == set(METHODS), names ^ set(METHODS)
+    for name, paper, optimizer, lr in rows:
+        cls = METHODS[re.sub(r"-k$", "", name)]
+        assert (paper.lower(), optimizer.lower()) == (cls.paper_optimizer, cls.optimizer), name
+        assert float(lr) == cls.default_lr[cls.optimizer], name

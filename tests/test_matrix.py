@@ -108,11 +108,12 @@ SUCCESSORS = {"vpt-kv": {"num_tokens": P, "kv_tokens": KV}, "vfpt": {"num_tokens
 
 
 def successor_count(backbone, method: str) -> int:
-    """Trainable parameters from the formulas: N*(2*L + p)*d (vpt-kv), N*p*d (vfpt), p*d_0 + N (gated)."""
+    """Trainable parameters from the formulas: N*(2*L + p)*d (vpt-kv), N*p*d (vfpt), p*d_0 + 2N (gated:
+    a gate and an attention temperature per block)."""
     dims = [b.dim for b in backbone.block_infos()]
     head = (backbone.num_features + 1) * C
     return head + {"vpt-kv": sum((2 * KV + P) * d for d in dims), "vfpt": P * sum(dims),
-                   "gated": P * dims[0] + len(dims)}[method]
+                   "gated": P * dims[0] + 2 * len(dims)}[method]
 
 
 @pytest.mark.parametrize("arch", sorted(BACKBONES))

@@ -1,8 +1,10 @@
 """gated (Yoo et al., ICML 2023): the per-block prompt gate P' = g f(P) + (1 - g) P against an oracle,
-g = 1 is VPT-shallow exactly, g = 0 carries the prompts through untouched, exact counts, ViT and Swin,
-save/load bit-exact."""
+the attention temperature against a model whose query projection is divided by tau, g = 1 is VPT-shallow
+exactly, g = 0 carries the prompts through untouched, exact counts, ViT and Swin, save/load bit-exact."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -20,8 +22,50 @@ def test_trainable_count_is_the_formula(arch):
     backbone = BACKBONES[arch]()
     model = vptune.create_model(backbone, "gated", C, num_tokens=P)
     infos = backbone.block_infos()
-    assert model.num_trainable_parameters() == P * infos[0].dim + len(infos) + (backbone.num_features + 1) * C
-    assert torch.equal(model.method.gates(), torch.full((len(infos),), 0.5))
+    head = (backbone.num_features + 1) * C
+    assert model.num_trainable_parameters() == P * infos[0].dim + 2 * len(infos) + head
+    assert torch.equal(model.method.gates(), torch.sigmoid(torch.full((len(infos),), -5.0)))  # nearly closed
+    assert torch.equal(model.method.temperatures.detach(), torch.ones(len(infos)))
+    plain = vptune.create_model(backbone, "gated", C, num_tokens=P, attention_shaping=False)
+    assert plain.num_trainable_parameters() == P * infos[0].dim + len(infos) + head
+    assert "method.temperatures" not in dict(plain.named_parameters())
+
+
+@pytest.mark.parametrize("arch", sorted(BACKBONES))
+def test_attention_temperature_equals_dividing_the_query_projection(arch):
+    """softmax(q k^T / (sqrt(d_h) tau) [+ bias / tau]): the same as a backbone whose q rows of qkv (and,
+    on Swin, relative-position bias table) are divided by tau."""
+    torch.manual_seed(0)
+    backbone = BACKBONES[arch]().eval()
+    tau = torch.tensor(0.37)
+    scaled = copy.deepcopy(backbone)
+    with torch.no_grad():
+        for name, module in scaled.named_modules():
+            if name.endswith("attn"):
+                d = module.qkv.weight.shape[1]
+                module.qkv.weight[:d] /= tau
+                module.qkv.bias[:d] /= tau
+                if hasattr(module, "relative_position_bias_table"):
+                    module.relative_position_bias_table /= tau
+    tokens = backbone.embed(torch.randn(2, 3, 32, 32))
+    prompts = torch.randn(P, backbone.block_infos()[0].dim)
+    got = backbone.run_block(0, tokens, prompts, attn_temperature=tau)
+    want = scaled.run_block(0, tokens, prompts)
+    torch.testing.assert_close(got.x, want.x, rtol=1e-5, atol=1e-5)
+    moved = (got.x - backbone.run_block(0, tokens, prompts).x).abs().max()
+    assert moved > 100 * (got.x - want.x).abs().max() and moved > 1e-4  # tau matters
+
+
+def test_temperatures_learn_and_stay_in_range():
+    backbone = BACKBONES["vit"]()
+    model = vptune.create_model(backbone, "gated", C, num_tokens=P)
+    with torch.no_grad():
+        model.method.temperatures.copy_(torch.tensor([50.0, -1.0] + [1.0] * (backbone.num_blocks - 2)))
+    model.train()
+    model(torch.randn(2, 3, 32, 32)).logsumexp(-1).sum().backward()
+    t = model.method.temperatures
+    assert t[0].item() == 10.0 and t[1].item() == pytest.approx(0.01)  # projected before the forward
+    assert t.grad is not None and t.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("arch", sorted(BACKBONES))
@@ -47,9 +91,13 @@ def test_open_gates_are_vpt_shallow_exactly(arch):
     torch.manual_seed(3)
     shallow = vptune.create_model(backbone, "vpt-shallow", C, num_tokens=P).eval()
     torch.manual_seed(3)
-    gated = vptune.create_model(backbone, "gated", C, num_tokens=P, gate_init=1e4).eval()
+    gated = vptune.create_model(backbone, "gated", C, num_tokens=P, gate_init=1e4,
+                                attention_shaping=False).eval()
+    torch.manual_seed(3)
+    shaped = vptune.create_model(backbone, "gated", C, num_tokens=P, gate_init=1e4).eval()  # tau_i = 1
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(gated(x), shallow(x))
+    torch.testing.assert_close(shaped(x), shallow(x), rtol=0, atol=1e-6)  # q / 1: another kernel path
 
 
 def test_closed_gates_carry_the_prompts_unchanged():

@@ -90,7 +90,7 @@ class TunedModel(nn.Module):
                   "prompt_replace": given.prompt_replace, "prompt_outputs": given.prompt_outputs}
         if given.taps:  # only when some: backbones without taps keep working for every other method
             kwargs["taps"] = given.taps
-        for key in ("kv_prompts", "prompt_gate"):  # attention-level prompts (vpt-kv, gated): only when set
+        for key in ("kv_prompts", "prompt_gate", "attn_temperature"):  # vpt-kv, gated: only when set
             if getattr(given, key) is not None:
                 kwargs[key] = getattr(given, key)
         if not self.gradient_checkpointing:

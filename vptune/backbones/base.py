@@ -160,6 +160,7 @@ class Backbone(nn.Module):
         taps: Taps | None = None,
         kv_prompts: tuple[Tensor, Tensor] | None = None,
         prompt_gate: Tensor | None = None,
+        attn_temperature: Tensor | None = None,
     ) -> Tokens:
         """Run block ``i``. ``prompts`` is (p, d) or (B, p, d); see the module docstring for the rule.
         ``location='add'`` adds (p == number of patches) prompts to the patch tokens instead.
@@ -175,7 +176,10 @@ class Backbone(nn.Module):
         the block's attention after the projection (E2VPT's key-value prompts): never queries, no outputs;
         Swin puts them into every window with zero relative-position bias, as its prompts.
         ``prompt_gate``: a scalar g in [0, 1] (gated prompt tuning): the prompt tokens leave the block as
-        ``g * block(P) + (1 - g) * P`` (P as they entered it); image tokens are unaffected."""
+        ``g * block(P) + (1 - g) * P`` (P as they entered it); image tokens are unaffected.
+        ``attn_temperature``: a scalar tau > 0 (gated prompt tuning's adaptive attention shaping): the
+        block's attention is ``softmax(logits / tau)`` for every query and key (on Swin the relative-
+        position bias is divided too; the shift and padding masks stay hard)."""
         raise NotImplementedError
 
     def pool(self, tokens: Tokens, mode: str | None = None) -> Tensor:

@@ -171,12 +171,15 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: Tensor, batch: int, window: int, mask: Tensor | None, num_prompts: int,
                 key_pad: Tensor | None, taps: Taps | None = None,
-                kv_learned: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                kv_learned: tuple[Tensor, Tensor] | None = None, temperature: Tensor | None = None) -> Tensor:
+        """``temperature`` tau: softmax((q k^T / sqrt(d_h) + bias) / tau + masks), as q / tau and bias / tau."""
         BW, L, C = x.shape
         nW, h = BW // batch, self.num_heads
         qkv = tapped(self.qkv, x, taps, "attn.qkv").reshape(BW, L, 3, h, C // h).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B*nW, heads, L, head_dim)
         bias = self.relative_bias(window).to(q.dtype)  # (heads, N, N)
+        if temperature is not None:
+            q, bias = q / temperature.to(q.dtype), bias / temperature.to(q.dtype)
         p = num_prompts
         if p:
             bias = F.pad(bias, (p, 0, p, 0))  # zero bias on prompt rows and columns
@@ -236,7 +239,8 @@ class SwinBlock(nn.Module):
     def forward(self, x: Tensor, grid: tuple[int, int], prompts: Tensor | None = None,
                 prompt_mask: Tensor | None = None,
                 ffn_adapter: nn.Module | None = None, taps: Taps | None = None,
-                kv_learned: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+                kv_learned: tuple[Tensor, Tensor] | None = None,
+                temperature: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """x (B, H*W, C), prompts (B, p, C) or None -> the same shapes."""
         B, HW, C = x.shape
         H, W = grid
@@ -260,7 +264,7 @@ class SwinBlock(nn.Module):
         key_pad = None
         if p and prompt_mask is not None:
             key_pad = torch.cat([~prompt_mask, prompt_mask.new_zeros(B, N)], dim=1)
-        out = self.attn(windows, B, window, mask, p, key_pad, taps, kv_learned)  # (B*nW, p + N, C)
+        out = self.attn(windows, B, window, mask, p, key_pad, taps, kv_learned, temperature)  # (B*nW, p + N, C)
         img = window_reverse(out[:, p:], window, Hp, Wp)
         if shift:
             img = torch.roll(img, shifts=(shift, shift), dims=(1, 2))
@@ -381,7 +385,8 @@ class SwinTransformer(Backbone):
     def run_block(self, i: int, tokens: Tokens, prompts: Tensor | None = None, *, location: str = "prepend",
                   ffn_adapter: nn.Module | None = None, prompt_replace: Tensor | None = None,
                   prompt_outputs: bool = True, taps: Taps | None = None,
-                  kv_prompts: tuple[Tensor, Tensor] | None = None, prompt_gate: Tensor | None = None) -> Tokens:
+                  kv_prompts: tuple[Tensor, Tensor] | None = None, prompt_gate: Tensor | None = None,
+                  attn_temperature: Tensor | None = None) -> Tokens:
         # prompt_outputs=False (a hint that this block's prompt outputs will be discarded) is not used:
         # Swin's prompts are averaged over windows and may be carried through patch merging.
         if not 0 <= i < len(self._where):
@@ -406,7 +411,8 @@ class SwinTransformer(Backbone):
                 mask = keep if tokens.prompt_mask is None else tokens.prompt_mask & keep
                 tokens = replace(tokens, prompt_mask=mask.expand(-1, tokens.num_prompts))
         block = self.layers[s].blocks[b]
-        x, P = block(tokens.x, tokens.grid, tokens.prompts, tokens.prompt_mask, ffn_adapter, taps, kv_prompts)
+        x, P = block(tokens.x, tokens.grid, tokens.prompts, tokens.prompt_mask, ffn_adapter, taps, kv_prompts,
+                     attn_temperature)
         if prompt_gate is not None and P is not None:  # gated prompts: P' = g f(P) + (1 - g) P
             P = prompt_gate * P + (1 - prompt_gate) * tokens.prompts
         return replace(tokens, x=x, prompts=P)

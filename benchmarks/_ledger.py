@@ -12,7 +12,6 @@ the one the sweep would train now (``run_state``); otherwise it is stale and ret
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +60,3 @@ def restore(ledger: Path, out: Path) -> int:
             atomic_write_json(out / rel, result)
             restored += 1
     return restored
-
-
-def describe(ledger: Path) -> str:
-    """One line: how many runs the ledger holds, by status."""
-    counts: dict[str, int] = {}
-    for _, result in _finished(ledger):
-        counts[result["status"]] = counts.get(result["status"], 0) + 1
-    return f"ledger {ledger}: " + (json.dumps(counts) if counts else "empty")

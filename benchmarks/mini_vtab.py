@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     try:
         spec = load_spec(args)
-        ledger = sync_ledger(spec, args, restore=True)
+        ledger = sync_ledger(spec, args)
         if args.report_only:
             md = write_outputs(spec, args, {"status": "report-only"})
             sys.stdout.write(md)
@@ -497,16 +497,15 @@ def ledger_path(spec: Any, args: argparse.Namespace) -> Path | None:
     return Path(args.ledger) if args.ledger else ROOT / "benchmarks" / "results" / f"{spec.name}_runs"
 
 
-def sync_ledger(spec: Any, args: argparse.Namespace, *, restore: bool) -> Path | None:
-    """Restore the ledger into ``--out`` (``restore``) and export ``--out``'s finished runs into it
+def sync_ledger(spec: Any, args: argparse.Namespace) -> Path | None:
+    """Restore the ledger into ``--out`` and export ``--out``'s finished runs into it
     (``benchmarks/_ledger.py``); returns the ledger folder, None with ``--no-ledger``."""
     ledger = ledger_path(spec, args)
     if ledger is None:
         return None
-    if restore:
-        n = _ledger.restore(ledger, Path(spec.output))
-        if n:
-            print(f"restored {n} finished run(s) from {ledger}", flush=True)
+    n = _ledger.restore(ledger, Path(spec.output))
+    if n:
+        print(f"restored {n} finished run(s) from {ledger}", flush=True)
     if not args.dry_run:
         _ledger.export(Path(spec.output), ledger)
     return ledger

@@ -36,7 +36,6 @@ def test_export_then_restore_gives_the_slim_result_in_a_fresh_out(tmp_path: Path
     got = read_result(fresh / RUN)
     assert got == {"status": "done", "val": {"top1": 71.5}, "test": None, "config": {"optim": {"base_lr": 0.01}}}
     assert not (fresh / "dtd10/vpt-deep/grid/unfinished").exists()
-    assert "done" in _ledger.describe(ledger)
 
 
 def test_restore_never_overwrites_a_result_already_in_the_run_folder(tmp_path: Path) -> None:

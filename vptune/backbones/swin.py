@@ -179,7 +179,8 @@ class WindowAttention(nn.Module):
         q, k, v = qkv.unbind(0)  # each (B*nW, heads, L, head_dim)
         bias = self.relative_bias(window).to(q.dtype)  # (heads, N, N)
         if temperature is not None:
-            q, bias = q / temperature.to(q.dtype), bias / temperature.to(q.dtype)
+            tau = temperature.to(q.dtype)
+            q, bias = q / tau, bias / tau
         p = num_prompts
         if p:
             bias = F.pad(bias, (p, 0, p, 0))  # zero bias on prompt rows and columns

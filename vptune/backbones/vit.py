@@ -282,8 +282,8 @@ class VisionTransformer(Backbone):
             return self._run_block_kv_prompts(i, tokens, prompts, ffn_adapter, kv_prompts)
         if prompts is not None:
             tokens = self._place_prompts(tokens, prompts, location, prompt_replace)
-        extra = {} if attn_temperature is None else {"temperature": attn_temperature}
-        x = self.blocks[i](tokens.x, self._attn_mask(tokens), ffn_adapter, taps=taps, kv_learned=kv_prompts, **extra)
+        x = self.blocks[i](tokens.x, self._attn_mask(tokens), ffn_adapter, taps=taps, kv_learned=kv_prompts,
+                           temperature=attn_temperature)
         if prompt_gate is not None and tokens.num_prompts:  # gated prompts: P' = g f(P) + (1 - g) P
             p, old = tokens.num_prompts, tokens.x[:, 1:1 + tokens.num_prompts]
             gated = prompt_gate * x[:, 1:1 + p] + (1 - prompt_gate) * old

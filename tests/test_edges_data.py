@@ -118,6 +118,19 @@ def test_hf_save_to_disk_folder_built_with_pyarrow(tmp_path):
     assert labels == [1, 0] and np.asarray(source.load(1))[0, 0].tolist() == [60, 60, 60]
 
 
+def test_vtab1k_from_a_hf_save_to_disk_folder(tmp_path):
+    root = tmp_path / "pets"
+    write_hf_split(root / "train", list(range(10, 190, 10)), [i % 3 for i in range(18)], ["a", "b", "c"])
+    write_hf_split(root / "test", [200, 210, 220, 230], [0, 1, 2, 0], ["a", "b", "c"])
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    assert main(["data", "vtab1k", str(root), "--out", str(tmp_path / "vt"), "--train", "8", "--val", "4"]) == 0
+    task = tmp_path / "vt" / "pets"
+    counts = {s: len((task / f"{s}.txt").read_text().splitlines()) for s in ("train800", "val200", "test")}
+    assert counts == {"train800": 8, "val200": 4, "test": 4}
+    ds = open_split(DataConfig(root=str(task), num_workers=0), "test", _prep(), train=False)
+    assert sorted(ds.labels) == [0, 0, 1, 2]
+
+
 def test_hf_save_to_disk_folder_written_by_datasets(tmp_path):
     datasets = pytest.importorskip("datasets")
     images = [Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)) for i in range(6)]

@@ -149,10 +149,15 @@ def test_swin_export_matches_each_tuned_model(tmp_path, prompt_merge):
         np.testing.assert_allclose(got[b], ref, atol=1e-4, rtol=0, err_msg=name)
 
 
-@pytest.mark.parametrize("method", ["full", "partial-1"])
-def test_weight_changing_methods_refused_with_reason(tmp_path, method):
+@pytest.mark.parametrize("method, reason", [("full", "trains backbone weights"),
+                                            ("partial-1", "trains backbone weights"),
+                                            ("lora", "changes the backbone's layers per task"),
+                                            ("ssf", "changes the backbone's layers per task"),
+                                            ("vpt-kv", "acts inside the blocks"), ("gated", "acts inside the blocks"),
+                                            ("adapter", "acts inside the blocks")])
+def test_methods_outside_the_prompt_graph_are_refused_with_reason(tmp_path, method, reason):
     backbone = tiny_vit()
     mt = MultiTaskModel(backbone)
     mt.add_model("t", create_model(backbone, method, 2))
-    with pytest.raises(VptuneError, match="trains backbone weights"):
+    with pytest.raises(VptuneError, match=reason):
         export_onnx(mt, tmp_path / "out", verify=False)

@@ -158,6 +158,28 @@ def test_concurrent_mixed_requests_are_batched(server):
     assert total >= len(tasks) and count < total, "16 concurrent requests with 100 ms wait must share batches"
 
 
+def test_metrics_count_each_tasks_requests_and_latency(server):
+    client, _, _ = server
+
+    def read(name, labels=""):
+        try:
+            return _metric(client.get("/metrics").text, name, labels)
+        except AssertionError:  # a series appears with its first observation
+            return 0.0
+
+    ok, latency = '{status="200",task="shallow"}', '{task="shallow"}'
+    before = read("vptune_task_requests_total", ok), read("vptune_task_request_duration_seconds_count", latency)
+    others = read("vptune_task_requests_total", '{status="200",task="lin"}')
+    for seed in range(3):
+        assert _predict(client, "shallow", _png(seed=seed)).status_code == 200
+    assert _predict(client, "nope", _png()).status_code == 404
+    assert read("vptune_task_requests_total", ok) == before[0] + 3
+    assert read("vptune_task_request_duration_seconds_count", latency) == before[1] + 3
+    assert read("vptune_task_request_duration_seconds_sum", latency) > 0
+    assert read("vptune_task_requests_total", '{status="200",task="lin"}') == others  # per task
+    assert read("vptune_queue_depth") == 0  # nothing waits once every request is answered
+
+
 def _metric(text, name, labels=""):
     for line in text.splitlines():
         if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):

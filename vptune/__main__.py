@@ -1,5 +1,3 @@
-import sys
+from vptune.cli import run
 
-from vptune.cli import main
-
-sys.exit(main())
+run()

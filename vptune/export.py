@@ -85,10 +85,17 @@ def _check_exportable(entry: Any, backbone: Backbone) -> None:
             f"task {entry.name!r} ({entry.method}) trains backbone weights, so it cannot use the shared "
             "prompt graph; export only prompt, linear and mlp tasks (or serve it with PyTorch)"
         )
-    if not entry.shared or entry.taps:
+    if entry.taps:
         raise VptuneError(
-            f"task {entry.name!r} ({entry.method}) adds modules to the backbone, "
-            "so it cannot use the shared prompt graph; export only prompt, linear and mlp tasks"
+            f"task {entry.name!r} ({entry.method}) changes the backbone's layers per task (low-rank updates "
+            "or scale and shift), so it cannot use the shared prompt graph; export only input-prompt "
+            "(vpt-shallow, vpt-deep, vfpt), linear and mlp tasks, or serve it with PyTorch"
+        )
+    if not entry.shared:
+        raise VptuneError(
+            f"task {entry.name!r} ({entry.method}) acts inside the blocks (key/value prompts, gates, added "
+            "prompts or modules of its own), so it cannot use the shared prompt graph; export only "
+            "input-prompt (vpt-shallow, vpt-deep, vfpt), linear and mlp tasks, or serve it with PyTorch"
         )
 
 

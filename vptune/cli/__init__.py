@@ -75,5 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The ``vptune`` command and ``python -m vptune``: :func:`main`, then exit with its status. A process of
+    a data-parallel launch (``torchrun``) leaves without the interpreter's teardown, which gloo's worker
+    threads can abort (:func:`vptune.engine.distributed.leave_process`)."""
+    code = main(argv)
+    distributed = sys.modules.get("vptune.engine.distributed")  # imported only by a data-parallel run
+    if distributed is not None and distributed.joined_group():
+        distributed.leave_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

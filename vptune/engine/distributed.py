@@ -23,6 +23,9 @@
   become ``SyncBatchNorm`` on GPUs; on CPU (gloo) their batch statistics are per process;
 - validation and test split by stride over the processes; confusion matrix, top-5 hits, loss sum and
   counts are summed across processes, so every process gets the metrics of the whole split;
+- a process that joined a group ends without Python's interpreter teardown (:func:`leave_process`, called by
+  the ``vptune`` entry point), because gloo frees a finished collective on its own worker thread and that
+  thread aborts the process when it needs the GIL during teardown;
 - only rank 0 writes the run folder (config, metrics, TensorBoard, checkpoint, task, result) and logs;
   it holds the folder's run lock (:class:`~vptune.engine.runlock.RunLock`) for the whole run, and the
   other processes wait for it to be taken, so a second launch (or a one-process run) on the same output is
@@ -41,6 +44,7 @@ import dataclasses
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +62,8 @@ from vptune.engine.evaluate import accumulate, compute_metrics, make_loader
 from vptune.engine.runlock import RunLock
 from vptune.engine.trainer import PARALLEL_LAUNCHERS, Trainer, build_trainer, prepare_output
 from vptune.errors import VptuneError
+
+_joined = False  # this process joined a process group (setup): leave_process applies
 
 logger = logging.getLogger("vptune")
 
@@ -152,6 +158,32 @@ class DistContext:
             dist.destroy_process_group()
 
 
+def joined_group() -> bool:
+    """Whether this process joined a process group in :func:`setup` (it stays true after the group is
+    destroyed: gloo's worker threads outlive it while DDP holds the group)."""
+    return _joined
+
+
+def leave_process(code: int) -> None:
+    """End this process with exit status ``code``, skipping the interpreter's teardown.
+
+    Gloo runs each collective on a worker thread, and that thread frees the finished work -- and with it
+    the tensors Python made for it -- after the caller has its result. When the last collective of a run
+    (the summary's broadcast) is freed while the interpreter finalises, the thread cannot take the GIL and
+    the process aborts with SIGABRT ("terminate called without an active exception") after a run that
+    succeeded (seen about once in 40 launches here; the same cause as pytorch/pytorch#179291). Everything
+    vptune writes is closed by then (atomic writes; the TensorBoard writer closed), so this flushes the
+    standard streams and logging, then exits with ``os._exit``.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more to lose
+            pass
+    os._exit(code)
+
+
 def resolve_ddp_device(name: str, local_rank: int) -> torch.device:
     """``auto``: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU; ``cuda``/``cuda:N``: ``cuda:LOCAL_RANK``
     (each process of a launch drives its own GPU); ``cpu``: CPU."""
@@ -198,6 +230,8 @@ def setup(device_name: str = "auto") -> DistContext:
             raise VptuneError(f"cannot join the process group ({e}); launch with torchrun, which sets "
                               "MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK") from None
         owns = True
+    global _joined
+    _joined = True
     return DistContext(rank, world, local, backend, device, owns)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -13,12 +14,23 @@ from tests.helpers import tiny_vit as make_tiny_vit
 from vptune.backbones.vit import VisionTransformer
 
 __all__ = ["TINY"]  # re-exported (tests import it from here)
+_LOG_LEVEL, _LOG_HANDLERS = logging.getLogger("vptune").level, list(logging.getLogger("vptune").handlers)
 
 
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_vptune_logger():
+    """Each test sees the "vptune" logger as a fresh process does: a command that sets it up (train,
+    prune) in one test must not make another command's stderr chattier (test order independence)."""
+    yield
+    log = logging.getLogger("vptune")
+    log.setLevel(_LOG_LEVEL)
+    log.handlers[:] = _LOG_HANDLERS
 
 
 @pytest.fixture

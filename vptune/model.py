@@ -125,11 +125,14 @@ class TunedModel(nn.Module):
 
     def trained_state_dict(self) -> dict[str, Tensor]:
         """What a task file stores: trained parameters plus the buffers of the method and head
-        (BatchNorm statistics of an MLP head or side network); never a frozen backbone tensor."""
+        (BatchNorm statistics of an MLP head or side network); never a frozen backbone tensor, nor a
+        non-persistent buffer (derived from the options, e.g. vpt-kv's pruning masks)."""
         state = {n: p.detach() for n, p in self.trainable_parameters()}
         for prefix, module in (("method.", self.method), ("head.", self.head)):
+            persistent = module.state_dict().keys()
             for n, b in module.named_buffers():
-                state[prefix + n] = b.detach()
+                if n in persistent:
+                    state[prefix + n] = b.detach()
         return state
 
     # --- persistence --------------------------------------------------------------------------------

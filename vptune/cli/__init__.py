@@ -18,7 +18,7 @@ from vptune.errors import VptuneError
 from vptune.version import __version__
 
 # Command modules, in the order they appear in --help. A module that is absent is skipped.
-COMMAND_MODULES = ("data", "train", "sweep", "serve", "demo")
+COMMAND_MODULES = ("data", "train", "prune", "sweep", "serve", "demo")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -11,8 +11,12 @@ input prompts (``num_tokens`` > 0, E2VPT's "visual prompts") are prepended too. 
 prompts join every window's attention with zero relative-position bias and are never shift-masked, as
 VPT's prompts. Trainable: N * 2 * L * d_i key-value parameters plus the VPT-deep prompts and the head.
 
-Not implemented: E2VPT's token-wise and segment-wise prompt pruning (the "efficient" half: rewinding
-after pruning the least important prompts); dropout applies to the input prompts only.
+E2VPT's prompt pruning (Sec. 3.3) applies to the input prompts: ``keep_tokens`` lists, per prompted block,
+the prompt slots that stay (token-wise pruning: the others are masked out of every attention, so no token
+attends to them, as if they were removed), and ``pruned_segments`` the segments (each prompt split into
+``segments`` equal parts, index ``token * segments + r``) held at zero (segment-wise pruning). Both are
+plain options, saved in ``task.json``; :mod:`vptune.engine.prune` (``vptune prune``) scores a trained run's
+prompts, sets them, and retrains from the rewound initialisation. Dropout applies to the input prompts only.
 Key-value prompts start as VPT's prompts (uniform, Xavier-style); with ``init="prototype"`` they start at
 the keys and values the block computes for k-means prototypes of its input tokens (Self-Prompt Tuning's
 rule carried to key/value space, see :mod:`vptune.methods.prototype`).
@@ -22,6 +26,7 @@ The paper trains with SGD on VPT's recipe (``paper_optimizer``); vptune's defaul
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import replace as dc_replace
 from typing import ClassVar
 
 import torch
@@ -42,11 +47,50 @@ class VPTKVOptions(VPTOptions):
 
     num_tokens: int = 0
     kv_tokens: int = 5
+    keep_tokens: tuple[tuple[int, ...], ...] | None = None
+    segments: int = 1
+    pruned_segments: tuple[tuple[int, ...], ...] | None = None
 
     def validate(self) -> None:
         super().validate()
         if self.kv_tokens < 1:
             raise VptuneError(f"kv_tokens must be >= 1, got {self.kv_tokens}")
+        if self.segments < 1:
+            raise VptuneError(f"segments must be >= 1 (1: prompts are not split), got {self.segments}")
+        if (self.keep_tokens is not None or self.pruned_segments is not None) and (
+                self.num_tokens == 0 or self.location != "prepend" or self.project_dim):
+            raise VptuneError("keep_tokens and pruned_segments prune prepended input prompts in the token "
+                              "space: they need num_tokens > 0, location='prepend' and project_dim=0")
+
+
+def _pruning_masks(opts: VPTKVOptions, dims: list[int]) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """Per prompted block: the (p,) bool mask of kept prompt slots and the (p, d) 0/1 mask of kept segments
+    (None where nothing is pruned), from the options, checked against the prompt length and widths."""
+    p, r, n = opts.num_tokens, opts.segments, len(dims)
+    tokens: list[Tensor | None] = [None] * n
+    segments: list[Tensor | None] = [None] * n
+    for name, lists in (("keep_tokens", opts.keep_tokens), ("pruned_segments", opts.pruned_segments)):
+        if lists is not None and len(lists) != n:
+            raise VptuneError(f"{name} needs one list per prompted block ({n}), got {len(lists)}")
+    for j, d in enumerate(dims):
+        if opts.keep_tokens is not None:
+            keep = opts.keep_tokens[j]
+            if not keep or len(set(keep)) != len(keep) or not all(0 <= k < p for k in keep):
+                raise VptuneError(f"keep_tokens[{j}] must list distinct prompt slots in 0..{p - 1} (at least "
+                                  f"one), got {list(keep)}")
+            mask = torch.zeros(p, dtype=torch.bool)
+            mask[list(keep)] = True
+            tokens[j] = None if bool(mask.all()) else mask
+        if opts.pruned_segments is not None and opts.pruned_segments[j]:
+            if d % r:
+                raise VptuneError(f"segments={r} must divide the prompt width {d} of prompted block {j}")
+            pruned = opts.pruned_segments[j]
+            if not all(0 <= k < p * r for k in pruned):
+                raise VptuneError(f"pruned_segments[{j}] must be in 0..{p * r - 1}, got {list(pruned)}")
+            keep_seg = torch.ones(p * r)
+            keep_seg[list(pruned)] = 0.0
+            segments[j] = keep_seg.repeat_interleave(d // r).reshape(p, d)
+    return tokens, segments
 
 
 @register
@@ -67,11 +111,25 @@ class VPTKV(VPTDeep):
             nn.Parameter(torch.stack([self._init_prompts(options.kv_tokens, b.dim, ph * pw).data for _ in "kv"]))
             for b in backbone.block_infos())
 
+        keep, segments = _pruning_masks(options, [self.dims[i] for i in self.blocks])
+        self.prune_masks = nn.Module()  # non-persistent buffers: the options are the record
+        for j, (k, m) in enumerate(zip(keep, segments)):
+            self.prune_masks.register_buffer(f"tokens{j}", k, persistent=False)
+            self.prune_masks.register_buffer(f"segments{j}", m, persistent=False)
+
     def trainable_patterns(self, backbone: Backbone) -> list[str]:
         return super().trainable_patterns(backbone) + [r"^method\.kv_prompts\."]
 
+    def transform_prompts(self, i: int, prompts: Tensor) -> Tensor:
+        """Segment-wise pruning: block i's pruned segments held at zero (no gradient reaches them)."""
+        mask = getattr(self.prune_masks, f"segments{self.slot[i]}")
+        return prompts if mask is None else prompts * mask.to(prompts.dtype)
+
     def block_input(self, i: int, tokens: Tokens, batch: int) -> tuple[Tokens, BlockInput]:
         tokens, given = super().block_input(i, tokens, batch)
+        keep = getattr(self.prune_masks, f"tokens{self.slot[i]}", None) if i in self.slot else None
+        if keep is not None:  # token-wise pruning: the pruned slots are keys nobody attends to
+            tokens = dc_replace(tokens, prompt_mask=keep.expand(batch, -1))
         kv = self.kv_prompts[i]
         return tokens, BlockInput(prompts=given.prompts, location=given.location,
                                   prompt_outputs=given.prompt_outputs, kv_prompts=(kv[0], kv[1]))

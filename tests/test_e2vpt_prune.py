@@ -203,6 +203,7 @@ def test_pruning_a_run_of_another_method_is_refused(run_assets, tmp_path, capsys
     assert main(["prune", str(tmp_path / "nothing"), "--output", str(tmp_path / "p"), "--tokens", "0.5"]) == 2
     assert "is not a finished training run" in capsys.readouterr().err
     for flags, message in ((["--tokens", "1.5"], "tokens is the fraction to prune"),
-                           (["--tokens", "0.5", "--segments", "0"], "segments and max_batches must be >= 1")):
+                           (["--tokens", "0.5", "--segments", "0"], "segments and max_batches must be >= 1"),
+                           (["--tokens", "0.5", "--segments", "5"], "must divide every prompt width")):
         assert main(["prune", str(run_assets["first"]), "--output", str(tmp_path / "p"), *flags]) == 2
         assert message in capsys.readouterr().err

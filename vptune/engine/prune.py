@@ -49,6 +49,9 @@ def prompt_importance(model: Any, dataset: Any, device: torch.device, *, segment
     prompts (the module docstring's S), summed over the batches of ``dataset``."""
     method = model.method
     prompts = list(method.prompts)
+    if any(p.shape[1] % segments for p in prompts):
+        raise VptuneError(f"segments={segments} must divide every prompt width "
+                          f"({sorted({p.shape[1] for p in prompts})})")
     tok = [torch.zeros(p.shape[0], dtype=torch.float64) for p in prompts]
     seg = [torch.zeros(p.shape[0], segments, dtype=torch.float64) for p in prompts]
     was = model.training

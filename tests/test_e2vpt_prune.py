@@ -26,35 +26,38 @@ from vptune.errors import VptuneError
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for tiny models
 
 
-def _pair(backbone, keep, p=4, **extra):
-    full = create_model(backbone, "vpt-kv", 3, num_tokens=p).double().eval()
-    pruned = create_model(backbone, "vpt-kv", 3, num_tokens=p, keep_tokens=keep, **extra).double().eval()
-    pruned.load_state_dict(full.state_dict())
-    return full, pruned
+def _pruned_copy(full, keep, **extra):
+    """A vpt-kv model with ``keep_tokens=keep`` holding ``full``'s values (its kept prompt rows)."""
+    backbone, p = full.backbone, full.method.options.num_tokens
+    pruned = create_model(backbone, "vpt-kv", full.num_classes, num_tokens=p, keep_tokens=keep,
+                          kv_tokens=full.method.options.kv_tokens, **extra).double().eval()
+    sd = {k: v[list(keep[int(k.rsplit(".", 1)[1])])] if k.startswith("method.prompts.") else v
+          for k, v in full.state_dict().items()}
+    pruned.load_state_dict(sd)
+    return pruned
 
 
 @pytest.mark.parametrize("arch", ["vit", "swin"])
 def test_a_masked_prompt_token_is_a_removed_one(arch):
     backbone = (tiny_vit() if arch == "vit" else BACKBONES["swin"]()).double()
     n = backbone.num_blocks
-    keep = tuple((0, 2) if j % 2 == 0 else (1, 2, 3) for j in range(n))
-    full, pruned = _pair(backbone, keep)
+    full = create_model(backbone, "vpt-kv", 3, num_tokens=4).double().eval()
+    pruned = _pruned_copy(full, ((0, 2),) * n)  # slots 1 and 3 pruned in every block
+    small = create_model(backbone, "vpt-kv", 3, num_tokens=2).double().eval()
+    small.load_state_dict({k: v[[0, 2]] if k.startswith("method.prompts.") else v
+                           for k, v in full.state_dict().items()})
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
-        # the removed equivalent only exists with one length per block: compare block by block lengths
-        same = create_model(backbone, "vpt-kv", 3, num_tokens=4, keep_tokens=((0, 2),) * n).double().eval()
-        same.load_state_dict(full.state_dict())
-        small = create_model(backbone, "vpt-kv", 3, num_tokens=2).double().eval()
-        small.load_state_dict({k: v[[0, 2]] if k.startswith("method.prompts.") else v
-                               for k, v in full.state_dict().items()})
-        torch.testing.assert_close(same(x), small(x), rtol=0, atol=1e-10)
-        assert (full(x) - same(x)).abs().max() > 1e-6  # pruning changed something
-        # a pruned token's value no longer matters; a kept one's does
-        before = pruned(x)
-        pruned.method.prompts[0].data[1] += torch.randn_like(pruned.method.prompts[0].data[1])  # (a constant: LayerNorm removes it)
-        torch.testing.assert_close(pruned(x), before, rtol=0, atol=1e-10)
-        pruned.method.prompts[0].data[0] += torch.randn_like(pruned.method.prompts[0].data[0])
-        assert (pruned(x) - before).abs().max() > 1e-6
+        torch.testing.assert_close(pruned(x), small(x), rtol=0, atol=1e-10)
+        assert (full(x) - pruned(x)).abs().max() > 1e-6  # pruning changed something
+    # only the kept tokens are parameters (E2VPT's parameter saving), per block
+    keep = tuple((0, 2) if j % 2 == 0 else (1, 2, 3) for j in range(n))
+    varied = _pruned_copy(full, keep)
+    dims = [b.dim for b in backbone.block_infos()]
+    kv = 2 * 5 * sum(dims)  # kv_tokens=5 keys and values per block
+    head = 3 * (dims[-1] + 1)
+    assert varied.num_trainable_parameters() == sum(len(k) * d for k, d in zip(keep, dims)) + kv + head
+    assert full.num_trainable_parameters() == 4 * sum(dims) + kv + head
 
 
 def test_pruned_segments_are_zeros_without_gradient():
@@ -125,6 +128,7 @@ def test_the_plan_drops_the_lowest_scores_per_block_and_keeps_earlier_pruning():
     ({"num_tokens": 4, "keep_tokens": ((),) * 2}, "at least one"),
     ({"num_tokens": 4, "segments": 5, "pruned_segments": ((0,),) * 2}, "must divide the prompt width"),
     ({"num_tokens": 4, "segments": 0}, "segments must be >= 1"),
+    ({"num_tokens": 4, "init": "prototype", "keep_tokens": ((0,),) * 2}, "prune a run with init 'uniform'"),
 ])
 def test_bad_pruning_options_are_refused_clearly(options, message):
     with pytest.raises(VptuneError, match=message):
@@ -173,21 +177,27 @@ def test_vptune_prune_masks_the_lowest_tokens_and_retrains_from_the_rewound_init
     for j, keep in enumerate(options["keep_tokens"]):  # the kept tokens are the best-scored ones
         scores = record["token_scores"][j]
         assert min(scores[k] for k in keep) >= max(s for k, s in enumerate(scores) if k not in keep)
-    # the rewind: the second run starts where the first one started (prompts, key-value prompts, head)
+    # the rewind: the second run starts where the first one started (its kept prompt rows, key-value
+    # prompts, head)
     a, b = (build_trainer(config_from_dict(read_run_config(d)), torch.device("cpu")).model
             for d in (run_assets["first"], out))
     sa, sb = a.trained_state_dict(), b.trained_state_dict()
-    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
-    # the saved task rebuilds its masks from task.json: a pruned token's value does not matter
+    assert set(sa) == set(sb)
+    for k in sa:
+        ref = sa[k][list(options["keep_tokens"][int(k.rsplit(".", 1)[1])])] if k.startswith("method.prompts.") \
+            else sa[k]
+        assert torch.equal(sb[k], ref), k
+    # the task file holds the kept rows only; scoring the pruned run again puts 0 on the pruned slots
     from vptune.artifact import load_task
 
-    task = load_task(out / "task", a.backbone).eval()
-    pruned_slot = next(k for k in range(4) if k not in options["keep_tokens"][0])
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        before = task(x)
-        task.method.prompts[0].data[pruned_slot] += torch.randn(task.method.prompts[0].shape[1])
-        torch.testing.assert_close(task(x), before, rtol=0, atol=1e-6)
+    task = load_task(out / "task", a.backbone)
+    assert all(p.shape[0] == 2 for p in task.method.prompts)
+    first = json.loads((run_assets["first"] / "result.json").read_text())
+    assert json.loads((out / "result.json").read_text())["stored_bytes"] < first["stored_bytes"]
+    data = [(torch.randn(3, 32, 32), i % 3) for i in range(4)]
+    tok, _ = prompt_importance(task, data, torch.device("cpu"), batch_size=4)
+    for j, keep in enumerate(options["keep_tokens"]):
+        assert all(tok[j][k] == 0 for k in range(4) if k not in keep) and all(tok[j][k] > 0 for k in keep)
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "done" and result["options"]["keep_tokens"] == options["keep_tokens"]
 

@@ -52,8 +52,10 @@ def prompt_importance(model: Any, dataset: Any, device: torch.device, *, segment
     if any(p.shape[1] % segments for p in prompts):
         raise VptuneError(f"segments={segments} must divide every prompt width "
                           f"({sorted({p.shape[1] for p in prompts})})")
-    tok = [torch.zeros(p.shape[0], dtype=torch.float64) for p in prompts]
-    seg = [torch.zeros(p.shape[0], segments, dtype=torch.float64) for p in prompts]
+    slots = [torch.tensor(method.kept_slots(j)) for j in range(len(prompts))]  # parameter row -> slot
+    n = method.options.num_tokens
+    tok = [torch.zeros(n, dtype=torch.float64) for _ in prompts]  # pruned slots score 0
+    seg = [torch.zeros(n, segments, dtype=torch.float64) for _ in prompts]
     was = model.training
     model.eval()
     try:
@@ -67,8 +69,8 @@ def prompt_importance(model: Any, dataset: Any, device: torch.device, *, segment
             for j, p in enumerate(prompts):
                 g = p.grad if p.grad is not None else torch.zeros_like(p)
                 per_dim = (p.detach() * g).double().cpu()  # (p, d): rho's gradient, dim by dim
-                tok[j] += per_dim.sum(dim=1).abs()
-                seg[j] += per_dim.reshape(p.shape[0], segments, -1).sum(dim=2).abs()
+                tok[j][slots[j]] += per_dim.sum(dim=1).abs()
+                seg[j][slots[j]] += per_dim.reshape(p.shape[0], segments, -1).sum(dim=2).abs()
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was)

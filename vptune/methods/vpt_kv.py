@@ -12,8 +12,8 @@ prompts join every window's attention with zero relative-position bias and are n
 VPT's prompts. Trainable: N * 2 * L * d_i key-value parameters plus the VPT-deep prompts and the head.
 
 E2VPT's prompt pruning (Sec. 3.3) applies to the input prompts: ``keep_tokens`` lists, per prompted block,
-the prompt slots that stay (token-wise pruning: the others are masked out of every attention, so no token
-attends to them, as if they were removed), and ``pruned_segments`` the segments (each prompt split into
+the prompt slots that stay (token-wise pruning: only those are parameters, the others are masked out of
+every attention, so no token attends to them, as if they were removed), and ``pruned_segments`` the segments (each prompt split into
 ``segments`` equal parts, index ``token * segments + r``) held at zero (segment-wise pruning). Both are
 plain options, saved in ``task.json``; :mod:`vptune.engine.prune` (``vptune prune``) scores a trained run's
 prompts, sets them, and retrains from the rewound initialisation. Dropout applies to the input prompts only.
@@ -61,6 +61,9 @@ class VPTKVOptions(VPTOptions):
                 self.num_tokens == 0 or self.location != "prepend" or self.project_dim):
             raise VptuneError("keep_tokens and pruned_segments prune prepended input prompts in the token "
                               "space: they need num_tokens > 0, location='prepend' and project_dim=0")
+        if self.keep_tokens is not None and self.init == "prototype":
+            raise VptuneError("keep_tokens rewinds to the unpruned run's initial prompts, which "
+                              "init='prototype' does not reproduce: prune a run with init 'uniform'")
 
 
 def _pruning_masks(opts: VPTKVOptions, dims: list[int]) -> tuple[list[Tensor | None], list[Tensor | None]]:
@@ -114,15 +117,28 @@ class VPTKV(VPTDeep):
         keep, segments = _pruning_masks(options, [self.dims[i] for i in self.blocks])
         self.prune_masks = nn.Module()  # non-persistent buffers: the options are the record
         for j, (k, m) in enumerate(zip(keep, segments)):
+            rows = None if k is None else k.nonzero().flatten()
+            if rows is not None:  # only the kept tokens are parameters: drawn as unpruned, then selected
+                self.prompts[j] = nn.Parameter(self.prompts[j].data[rows].clone())
             self.prune_masks.register_buffer(f"tokens{j}", k, persistent=False)
+            self.prune_masks.register_buffer(f"rows{j}", rows, persistent=False)
             self.prune_masks.register_buffer(f"segments{j}", m, persistent=False)
+
+    def kept_slots(self, j: int) -> list[int]:
+        """The prompt slots that prompted block j's parameter rows fill (all of them when not pruned)."""
+        rows = getattr(self.prune_masks, f"rows{j}")
+        return list(range(self.options.num_tokens)) if rows is None else rows.tolist()
 
     def trainable_patterns(self, backbone: Backbone) -> list[str]:
         return super().trainable_patterns(backbone) + [r"^method\.kv_prompts\."]
 
     def transform_prompts(self, i: int, prompts: Tensor) -> Tensor:
-        """Segment-wise pruning: block i's pruned segments held at zero (no gradient reaches them)."""
-        mask = getattr(self.prune_masks, f"segments{self.slot[i]}")
+        """Block i's (p, d) prompts: the kept tokens' rows in their slots (zeros in the pruned ones, which
+        are masked out of attention), with the pruned segments held at zero (no gradient reaches them)."""
+        j = self.slot[i]
+        rows, mask = getattr(self.prune_masks, f"rows{j}"), getattr(self.prune_masks, f"segments{j}")
+        if rows is not None:
+            prompts = prompts.new_zeros(self.options.num_tokens, prompts.shape[1]).index_copy(0, rows, prompts)
         return prompts if mask is None else prompts * mask.to(prompts.dtype)
 
     def block_input(self, i: int, tokens: Tokens, batch: int) -> tuple[Tokens, BlockInput]:

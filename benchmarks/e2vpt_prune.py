@@ -60,7 +60,7 @@ def run_task(task: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         out = Path(args.out) / task / f"round{k}"
         t = time.time()
         summary = prune_run(previous, out, tokens=tokens, segments=4, segment_fraction=seg_fraction,
-                            progress=False)
+                            resume=True, progress=False)
         rows.append(_row(task, k, summary, json.loads((out / PRUNE_FILE).read_text()), time.time() - t))
         previous = out
     for r in rows:

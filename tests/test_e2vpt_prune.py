@@ -115,8 +115,10 @@ def test_the_plan_drops_the_lowest_scores_per_block_and_keeps_earlier_pruning():
     assert pruned[0] == (4,)  # of the kept tokens' 4 segments, the lowest: token 2, segment 0
     assert pruned[1] == (4,)  # ties go to the lower index
     # a second round prunes from what is left, keeps the first round's choices, and keeps one token
-    keep2, pruned2 = prune_plan(tok, seg, tokens=0.75, keep_tokens=keep, pruned_segments=pruned)
-    assert keep2 == ((2,), (3,)) and pruned2 == pruned
+    keep2, pruned2 = prune_plan(tok, seg, tokens=0.5, keep_tokens=keep, pruned_segments=pruned)
+    assert keep2 == ((2,), (3,)) and pruned2 == pruned  # half of the two left
+    keep3, _ = prune_plan(tok, seg, tokens=0.9, keep_tokens=keep2, pruned_segments=pruned2)
+    assert keep3 == keep2  # the last token of a block stays
     with pytest.raises(VptuneError, match="fraction to prune"):
         prune_plan(tok, seg, tokens=1.0)
 

@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fraction of the kept tokens' segments to prune, in [0, 1) (default 0)")
     p.add_argument("--max-batches", type=int, default=None,
                    help="score on at most this many training batches (default: the whole split)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted retraining in --output")
     p.add_argument("--overwrite", action="store_true", help="start over if --output holds another run")
     p.add_argument("--no-progress", action="store_true", help="no per-epoch progress bars")
     p.set_defaults(func=_prune)
@@ -35,7 +36,8 @@ def _prune(args: argparse.Namespace) -> int:
     _setup_logging()
     summary = prune_run(args.run, args.output, tokens=args.tokens, segments=args.segments,
                         segment_fraction=args.segment_fraction, max_batches=args.max_batches,
-                        overwrite=args.overwrite, progress=not args.no_progress)
+                        overwrite=args.overwrite, resume=args.resume,
+                        progress=not args.no_progress)
     val, test = summary.get("val") or {}, summary.get("test") or {}
     print(f"{summary.get('status', 'done')}: val top-1 {val.get('top1', float('nan')):.2f}%, "
           f"test top-1 {test.get('top1', float('nan')):.2f}%; task saved to {args.output}/task")

@@ -9,8 +9,8 @@ Prompt Tuning", ICCV 2023, Sec. 3.3), written from the paper, for ``vpt-kv`` run
 
    and likewise over the dims of each segment. The frozen model runs in eval mode (no dropout), the
    training split in its evaluation transform, so the scores are deterministic.
-2. **Prune**, per prompted block (so every block keeps prompts): the fraction ``tokens`` of its prompt
-   tokens with the lowest scores, then the fraction ``segment_fraction`` of the remaining tokens'
+2. **Prune**, per prompted block (so every block keeps prompts): the fraction ``tokens`` of its (still
+   kept) prompt tokens with the lowest scores, then the fraction ``segment_fraction`` of the remaining tokens'
    segments with the lowest scores. The result is two method options, ``keep_tokens`` and
    ``pruned_segments`` (:class:`vptune.methods.vpt_kv.VPTKVOptions`).
 3. **Rewind and retrain**: the same config with those options and the same seed, so every prompt, key-value
@@ -90,15 +90,16 @@ def check_fractions(tokens: float, segment_fraction: float, segments: int = 1,
 def prune_plan(token_scores: list[Tensor], segment_scores: list[Tensor], *, tokens: float,
                segment_fraction: float = 0.0, keep_tokens: Any = None,
                pruned_segments: Any = None) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
-    """``keep_tokens`` and ``pruned_segments`` options: per block, drop ``round(tokens * p)`` of the tokens
+    """``keep_tokens`` and ``pruned_segments`` options: per block, drop ``round(tokens * k)`` of the k tokens
     still kept (lowest scores first; at least one stays), then ``round(segment_fraction * n)`` of the n
-    segments of the kept tokens not yet pruned. Earlier pruning (the options given) is kept."""
+    segments of the kept tokens not yet pruned. Earlier pruning (the options given) is kept, so each round
+    prunes a fraction of what the last one left."""
     check_fractions(tokens, segment_fraction)
     keeps, pruned = [], []
     for j, (ts, ss) in enumerate(zip(token_scores, segment_scores)):
         p, r = ss.shape
         alive = list(keep_tokens[j]) if keep_tokens is not None else list(range(p))
-        n_drop = min(round(tokens * p), len(alive) - 1)
+        n_drop = min(round(tokens * len(alive)), len(alive) - 1)
         order = sorted(alive, key=lambda k: (float(ts[k]), k))  # ties: the lower slot goes first
         keep = sorted(order[n_drop:])
         done = set(pruned_segments[j]) if pruned_segments is not None else set()
@@ -113,7 +114,7 @@ def prune_plan(token_scores: list[Tensor], segment_scores: list[Tensor], *, toke
 
 def prune_run(run_dir: str | Path, output: str | Path, *, tokens: float, segments: int = 1,
               segment_fraction: float = 0.0, max_batches: int | None = None,
-              overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+              overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Score the finished ``vpt-kv`` run in ``run_dir``, prune its input prompts and retrain from the
     rewound initialisation into ``output``; returns that run's summary (and writes ``prune.json``)."""
     check_fractions(tokens, segment_fraction, segments, max_batches)
@@ -137,7 +138,7 @@ def prune_run(run_dir: str | Path, output: str | Path, *, tokens: float, segment
     opts.update(keep_tokens=keep, segments=segments, pruned_segments=pruned)
     new = dataclasses.replace(cfg, output=str(output), method=dataclasses.replace(cfg.method, options=opts),
                               runtime=dataclasses.replace(cfg.runtime, progress=cfg.runtime.progress and progress))
-    summary = run_training(new, overwrite=overwrite)
+    summary = run_training(new, resume=resume, overwrite=overwrite)
     p, n = int(opts["num_tokens"]), len(keep)
     record = {"from": str(run_dir), "tokens": tokens, "segments": segments, "segment_fraction": segment_fraction,
               "prompt_tokens_kept": sum(map(len, keep)), "prompt_tokens": p * n,

@@ -170,6 +170,10 @@ def test_vptune_prune_masks_the_lowest_tokens_and_retrains_from_the_rewound_init
     assert main(["prune", str(run_assets["first"]), "--output", str(out), "--tokens", "0.5", "--segments", "2",
                  "--segment-fraction", "0.25", "--no-progress"]) == 0
     assert "task saved to" in capsys.readouterr().out
+    # the same command again finds the finished run of the same config (scores are deterministic)
+    assert main(["prune", str(run_assets["first"]), "--output", str(out), "--tokens", "0.5", "--segments", "2",
+                 "--segment-fraction", "0.25", "--no-progress", "--resume"]) == 0
+    assert "already holds a finished run" in capsys.readouterr().err
     options = json.loads((out / "task" / "task.json").read_text())["options"]
     record = json.loads((out / "prune.json").read_text())
     n = len(options["keep_tokens"])

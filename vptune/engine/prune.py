@@ -90,7 +90,8 @@ def check_fractions(tokens: float, segment_fraction: float, segments: int = 1,
 def prune_plan(token_scores: list[Tensor], segment_scores: list[Tensor], *, tokens: float,
                segment_fraction: float = 0.0, keep_tokens: Any = None,
                pruned_segments: Any = None) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
-    """``keep_tokens`` and ``pruned_segments`` options: per block, drop ``round(tokens * k)`` of the k tokens
+    """``keep_tokens`` and ``pruned_segments`` options: per block, drop ``round(tokens * k)`` (Python's round:
+    halves to even) of the k tokens
     still kept (lowest scores first; at least one stays), then ``round(segment_fraction * n)`` of the n
     segments of the kept tokens not yet pruned. Earlier pruning (the options given) is kept, so each round
     prunes a fraction of what the last one left."""
@@ -135,7 +136,8 @@ def prune_run(run_dir: str | Path, output: str | Path, *, tokens: float, segment
                                  batch_size=cfg.optim.batch_size, max_batches=max_batches)
     keep, pruned = prune_plan(tok, seg, tokens=tokens, segment_fraction=segment_fraction,
                               keep_tokens=opts.get("keep_tokens"), pruned_segments=opts.get("pruned_segments"))
-    opts.update(keep_tokens=keep, segments=segments, pruned_segments=pruned)
+    # lists, as config.yaml holds them (a tuple would read as a changed config on --resume)
+    opts.update(keep_tokens=[list(k) for k in keep], segments=segments, pruned_segments=[list(q) for q in pruned])
     new = dataclasses.replace(cfg, output=str(output), method=dataclasses.replace(cfg.method, options=opts),
                               runtime=dataclasses.replace(cfg.runtime, progress=cfg.runtime.progress and progress))
     summary = run_training(new, resume=resume, overwrite=overwrite)

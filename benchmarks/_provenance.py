@@ -47,3 +47,10 @@ def git_commit() -> str | None:
         return f"{sha}-dirty" if sha and dirty.stdout.strip() else sha
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def add_asset_args(parser: Any, data: Path, out: Path) -> None:
+    """``--assets`` (default ``$VPTUNE_ASSETS``), ``--data`` and ``--out`` of the mini-VTAB benchmarks."""
+    parser.add_argument("--assets", default=os.environ.get("VPTUNE_ASSETS"))
+    parser.add_argument("--data", default=str(data))
+    parser.add_argument("--out", default=str(out))

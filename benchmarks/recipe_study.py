@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._provenance import git_commit, machine_info
+from benchmarks._provenance import add_asset_args, git_commit, machine_info
 
 TASKS = {"caltech101": "Natural", "dtd10": "Natural", "dsprites_loc": "Structured", "clevr_count": "Structured"}
 WEIGHTS_NAME = "vit_tiny_patch16_224.augreg_in21k_ft_in1k_ft_tinyimagenet"
@@ -128,9 +127,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--assets", default=os.environ.get("VPTUNE_ASSETS"))
-    p.add_argument("--data", default=str(DATA))
-    p.add_argument("--out", default=str(OUT))
+    add_asset_args(p, DATA, OUT)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--precision", default="auto")
     p.add_argument("--methods", default=None, help="comma list (default: all arms)")

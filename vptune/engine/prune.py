@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vptune.artifact import load_task
-from vptune.data import DataConfig, open_split
+from vptune.data import open_split
 from vptune.engine.config import config_from_dict
 from vptune.engine.evaluate import make_loader
 from vptune.engine.runfolder import read_result, read_run_config
-from vptune.engine.trainer import build_backbone, resolve_device, run_training
+from vptune.engine.trainer import build_backbone, data_config, resolve_device, run_training
 from vptune.errors import VptuneError
 from vptune.io import atomic_write_json
 
@@ -155,10 +155,8 @@ def prune_run(run_dir: str | Path, output: str | Path, *, tokens: float, segment
 
 def _eval_view(cfg: Any, model: Any) -> Any:
     """The training split read with the evaluation transform (no augmentation): scores are deterministic."""
-    d = cfg.data
-    dc = DataConfig(root=d.root, format=d.format, protocol=d.protocol, num_workers=d.num_workers,
-                    skip_corrupt=d.skip_corrupt, fraction=d.fraction)
-    return open_split(dc, d.train_split, model.preprocessing, train=False, seed=cfg.runtime.seed)
+    return open_split(data_config(cfg), cfg.data.train_split, model.preprocessing, train=False,
+                      seed=cfg.runtime.seed)
 
 
 def _pct(metrics: dict | None) -> str:

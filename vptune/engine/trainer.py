@@ -183,14 +183,19 @@ def task_preprocessing(backbone: Backbone, input_size: int | None, normalize: st
     return prep
 
 
-def open_datasets(cfg: TrainConfig, prep: Preprocessing) -> dict[str, Dataset]:
-    """Open the train (training transform), val and test splits of ``cfg.data``; splits whose transform
-    is deterministic are decoded once per process and kept in memory (:mod:`vptune.data.memory`)."""
+def data_config(cfg: TrainConfig) -> DataConfig:
+    """The reader settings of ``cfg.data`` (refusing a config without a dataset)."""
     d = cfg.data
     if not d.root:
         raise VptuneError("no dataset given: set data.root (--data FOLDER)")
-    dc = DataConfig(root=d.root, format=d.format, protocol=d.protocol, num_workers=d.num_workers,
-                    skip_corrupt=d.skip_corrupt, fraction=d.fraction)
+    return DataConfig(root=d.root, format=d.format, protocol=d.protocol, num_workers=d.num_workers,
+                      skip_corrupt=d.skip_corrupt, fraction=d.fraction)
+
+
+def open_datasets(cfg: TrainConfig, prep: Preprocessing) -> dict[str, Dataset]:
+    """Open the train (training transform), val and test splits of ``cfg.data``; splits whose transform
+    is deterministic are decoded once per process and kept in memory (:mod:`vptune.data.memory`)."""
+    d, dc = cfg.data, data_config(cfg)
     seed = cfg.runtime.seed
     splits = {"train": open_split(dc, d.train_split, prep, train=True, seed=seed)}
     if d.val_split:

@@ -79,23 +79,24 @@ class PromptedBackboneGraph(nn.Module):
         return self.model.forward_features(images, hooks)
 
 
+_EXPORTABLE = "export only input-prompt (vpt-shallow, vpt-deep, vfpt), linear and mlp tasks, or serve it with PyTorch"
+
+
 def _check_exportable(entry: Any, backbone: Backbone) -> None:
     if entry.model.method.changes_backbone:
         raise VptuneError(
             f"task {entry.name!r} ({entry.method}) trains backbone weights, so it cannot use the shared "
-            "prompt graph; export only prompt, linear and mlp tasks (or serve it with PyTorch)"
+            f"prompt graph; {_EXPORTABLE}"
         )
     if entry.taps:
         raise VptuneError(
             f"task {entry.name!r} ({entry.method}) changes the backbone's layers per task (low-rank updates "
-            "or scale and shift), so it cannot use the shared prompt graph; export only input-prompt "
-            "(vpt-shallow, vpt-deep, vfpt), linear and mlp tasks, or serve it with PyTorch"
+            f"or scale and shift), so it cannot use the shared prompt graph; {_EXPORTABLE}"
         )
     if not entry.shared:
         raise VptuneError(
             f"task {entry.name!r} ({entry.method}) acts inside the blocks (key/value prompts, gates, added "
-            "prompts or modules of its own), so it cannot use the shared prompt graph; export only "
-            "input-prompt (vpt-shallow, vpt-deep, vfpt), linear and mlp tasks, or serve it with PyTorch"
+            f"prompts or modules of its own), so it cannot use the shared prompt graph; {_EXPORTABLE}"
         )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vptune.cli.train import _setup_logging
+from vptune.cli.train import setup_logging
 from vptune.engine.prune import prune_run
 
 
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    _setup_logging()
+    setup_logging()
     summary = prune_run(args.run, args.output, tokens=args.tokens, segments=args.segments,
                         segment_fraction=args.segment_fraction, max_batches=args.max_batches,
                         overwrite=args.overwrite, resume=args.resume,

@@ -151,7 +151,7 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
     log = logging.getLogger("vptune")
     if not log.handlers:
         handler = _StderrHandler()
@@ -244,7 +244,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, train_overrides(args))
     preflight(cfg)
     check_resume(args, cfg.output)
-    _setup_logging()
+    setup_logging()
     summary = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports (every process gets its summary)
         return 0

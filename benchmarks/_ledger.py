@@ -8,6 +8,8 @@ reads: a few KB per run) into a tracked folder, ``<ledger>/<task>/<method>/<stag
 :func:`restore` writes them back into the run folders that lack one before the sweep plans, so the same
 command picks up where any earlier session stopped. A restored run counts as done only if its config equals
 the one the sweep would train now (``run_state``); otherwise it is stale and retrained as usual.
+The ledger keeps no ``selection.json``: :func:`reselect` rewrites it from the restored grid results with the
+sweep's own rule (``select_all``), so a report from a fresh checkout lists the chosen settings too.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vptune.engine.runfolder import RESULT_FILE, read_result
+from vptune.engine.sweep_plan import SELECTION_FILE, method_dir, plan_grid, run_state, select_all
 from vptune.io import atomic_write_json
 
 FINISHED = ("done", "stopped", "diverged")
@@ -60,3 +63,20 @@ def restore(ledger: Path, out: Path) -> int:
             atomic_write_json(out / rel, result)
             restored += 1
     return restored
+
+
+def reselect(spec: Any) -> int:
+    """Write ``<task>/<method>/selection.json`` for every (task, method) of ``spec`` (a ``SweepSpec``) that has
+    none and whose grid runs all hold results of the sweep's config (``run_state`` "done"): the choice the
+    sweep itself would write. Returns how many were written; an unfinished or stale grid gets none."""
+    pairs: dict[tuple[str, str], list[Any]] = {}
+    for run in plan_grid(spec):
+        pairs.setdefault((run.task, run.method), []).append(run)
+    written = 0
+    for (task, method), runs in pairs.items():
+        if (method_dir(spec, task, method) / SELECTION_FILE).exists():
+            continue
+        if all(run_state(r) == "done" for r in runs):
+            select_all(spec, runs)
+            written += 1
+    return written

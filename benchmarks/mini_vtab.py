@@ -508,6 +508,7 @@ def sync_ledger(spec: Any, args: argparse.Namespace) -> Path | None:
         print(f"restored {n} finished run(s) from {ledger}", flush=True)
     if not args.dry_run:
         _ledger.export(Path(spec.output), ledger)
+        _ledger.reselect(spec)
     return ledger
 
 

@@ -150,7 +150,7 @@ def test_sweep_spec_defaults_to_the_paper_grids(tmp_path: Path, data_root: Path)
     d.pop("seeds")
     default = S.parse_sweep(d)  # vptune's recipe: each method's grid for its optimiser
     dv, df, dl = default.methods
-    assert dv.grid.lr == [3e-3, 1e-2] and df.grid.lr == [3e-5, 1e-4] and dl.grid.lr == [3e-3, 1e-2]
+    assert dv.grid.lr == [3e-3, 1e-2] and df.grid.lr == [3e-5, 1e-4, 3e-4] and dl.grid.lr == [3e-3, 1e-2]
     assert dv.grid.wd == [0.0001, 0.01]
     d["base"]["recipe"] = "reference"  # the paper's grids
     spec = S.parse_sweep(d)
@@ -442,7 +442,7 @@ def test_example_sweeps_parse() -> None:
     assert len(spec.tasks) == 19 and [m.label for m in spec.methods] == ["vpt-deep", "linear", "full"]
     vpt, lin, full = spec.methods
     assert vpt.grid.axes["num_tokens"] == [1, 5, 10, 50, 100, 200] and vpt.options["dropout"] == 0.1
-    assert lin.grid.lr == [3e-3, 1e-2] and full.grid.lr == [3e-5, 1e-4]  # vptune's recipe: the methods' grids
+    assert lin.grid.lr == [3e-3, 1e-2] and full.grid.lr == [3e-5, 1e-4, 3e-4]  # vptune's recipe: the methods' grids
     assert spec.seeds == [42, 44, 82] and spec.grid_seed == 42
     ref = S.load_sweep(root / "vtab1k_reference.yaml")  # the paper's recipe, grids and five seeds
     assert ref.base["recipe"] == "reference" and ref.seeds == [42, 44, 82, 100, 800]

@@ -15,16 +15,10 @@ def machine_info(device: Any = None) -> dict[str, Any]:
     """CPU model, cores, torch version and threads, load average at the start, and the GPU if used."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-                            "threads": torch.get_num_threads(), "python": platform.python_version()}
-    from vptune.engine.evaluate import cpu_has_native_bf16
+    from vptune.engine.evaluate import cpu_has_native_bf16, cpu_model
 
+    info: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+                            "threads": torch.get_num_threads(), "python": platform.python_version()}
     info["cpu_native_bf16"] = cpu_has_native_bf16()  # avx512_bf16 / amx_bf16 in /proc/cpuinfo
     try:
         info["load_avg_at_start"] = [round(v, 2) for v in os.getloadavg()]

@@ -35,6 +35,7 @@ Changing ``--epochs``, ``--input-size`` or the grid changes every run's config: 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import math
@@ -338,27 +339,12 @@ def _finite(v: float | None) -> float | None:
     return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else round(float(v), 4)
 
 
-def collect_results(spec: Any, args: argparse.Namespace, report: Any, extra: dict[str, Any]) -> dict[str, Any]:
-    """The JSON of ``--results``."""
+def _selections_and_runs(spec: Any) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Each (task, method)'s chosen setting (its ``selection.json``), and per method and stage the run
+    times and the CPUs the runs ran on (``result.json``'s ``host``)."""
     from vptune.engine.trainer import read_result
 
-    base = spec.base
-    cells = []
-    if report is not None:
-        for (task, method), c in sorted(report.cells.items()):
-            cells.append({"task": task, "group": c.group, "method": method, "mean_top1": _finite(c.mean),
-                          "std_top1": _finite(c.std), "n_seeds": c.n, "values": c.values, "seeds": c.seeds,
-                          "trainable_parameters": c.trainable_parameters, "stored_bytes": c.stored_bytes,
-                          "data_format": c.formats})
-    methods = {}
-    if report is not None:
-        for m, s in report.summaries.items():
-            methods[m] = {"tasks": s.tasks, "group_means": {g: _finite(v) for g, v in s.group_means.items()},
-                          "mean_of_tasks": _finite(s.mean_tasks), "mean_of_group_means": _finite(s.mean_groups),
-                          "trainable_parameters_per_task": _finite(s.trainable_per_task),
-                          "stored_bytes_per_task": _finite(s.stored_bytes_per_task),
-                          "total_params_x": _finite(s.total_params)}
-    selection, run_times = [], {}
+    selection, run_times, hosts = [], {}, {}
     for t in spec.tasks:
         for m in spec.methods:
             mdir = Path(spec.output) / t.name / m.label
@@ -377,8 +363,32 @@ def collect_results(spec: Any, args: argparse.Namespace, report: Any, extra: dic
                     if r and r.get("wall_s") is not None:
                         key = f"{m.label}/{stage}" + ("/one-pass" if r.get("one_pass") else "")
                         run_times.setdefault(key, []).append(float(r["wall_s"]))
+                        cpu = (r.get("host") or {}).get("cpu", "not recorded")  # runs before 2026-12-04
+                        hosts.setdefault(key, collections.Counter())[cpu] += 1
     times = {k: {"runs": len(v), "mean_s": round(statistics.fmean(v), 2), "total_s": round(sum(v), 1)}
              for k, v in sorted(run_times.items())}
+    return selection, times, {k: dict(v) for k, v in sorted(hosts.items())}
+
+
+def collect_results(spec: Any, args: argparse.Namespace, report: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """The JSON of ``--results``."""
+    base = spec.base
+    cells = []
+    if report is not None:
+        for (task, method), c in sorted(report.cells.items()):
+            cells.append({"task": task, "group": c.group, "method": method, "mean_top1": _finite(c.mean),
+                          "std_top1": _finite(c.std), "n_seeds": c.n, "values": c.values, "seeds": c.seeds,
+                          "trainable_parameters": c.trainable_parameters, "stored_bytes": c.stored_bytes,
+                          "data_format": c.formats})
+    methods = {}
+    if report is not None:
+        for m, s in report.summaries.items():
+            methods[m] = {"tasks": s.tasks, "group_means": {g: _finite(v) for g, v in s.group_means.items()},
+                          "mean_of_tasks": _finite(s.mean_tasks), "mean_of_group_means": _finite(s.mean_groups),
+                          "trainable_parameters_per_task": _finite(s.trainable_per_task),
+                          "stored_bytes_per_task": _finite(s.stored_bytes_per_task),
+                          "total_params_x": _finite(s.total_params)}
+    selection, times, hosts = _selections_and_runs(spec)
     return {
         "schema": 1, "benchmark": "mini-VTAB (8 tasks) x 9 methods, VTAB-1k protocol",
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
@@ -395,7 +405,8 @@ def collect_results(spec: Any, args: argparse.Namespace, report: Any, extra: dic
             "protocol": "grid on train800, selection on val200 (last epoch; ties -> smaller lr, then smaller wd), "
                         "finals on train800val200 per seed, last-epoch test top-1",
         },
-        "cells": cells, "methods": methods, "selection": selection, "run_times": times, **extra,
+        "cells": cells, "methods": methods, "selection": selection, "run_times": times,
+        "run_hosts": hosts, **extra,
     }
 
 

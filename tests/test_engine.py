@@ -207,6 +207,9 @@ def test_tiny_model_learns_and_writes_a_complete_run(tmp_path):
     assert summary["stored_bytes"] == (out / "task" / "weights.safetensors").stat().st_size
     assert summary["trainable_parameters"] == 2 * 2 * 32 + 32 * 4 + 4
     assert summary["method"] == "vpt-deep" and summary["optimizer"] == "sgd"
+    from vptune.engine.evaluate import cpu_model
+
+    assert summary["host"] == {"cpu": cpu_model(), "threads": torch.get_num_threads()}  # where it ran
     for name in ("config.yaml", "checkpoint.pt", "task/task.json", "result.json"):
         assert (out / name).is_file(), name
     assert list((out / "tb").glob("events.*"))

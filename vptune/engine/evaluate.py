@@ -40,6 +40,29 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``model name`` in ``/proc/cpuinfo`` on Linux; elsewhere the platform's
+    processor string, or ``unknown``): benchmark records name the machine, since speed differs 2-4x."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def host_summary(device: torch.device | str) -> dict[str, Any]:
+    """Where a run ran (``result.json``'s ``host``): CPU model, torch threads, and the GPU on CUDA."""
+    host: dict[str, Any] = {"cpu": cpu_model(), "threads": torch.get_num_threads()}
+    if str(device).startswith("cuda"):  # a run's device may also be a label ("features": the one-pass sweep)
+        host["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return host
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively: the ``avx512_bf16`` or ``amx_bf16`` flag in
     ``/proc/cpuinfo`` (Linux x86). Elsewhere (no such file, other ISAs) False, so ``auto`` stays fp32:

@@ -18,7 +18,7 @@ import yaml
 from vptune.artifact import WEIGHTS
 from vptune.engine.checkpoint import CHECKPOINT
 from vptune.engine.config import TrainConfig, config_diff, config_to_dict
-from vptune.engine.evaluate import brief
+from vptune.engine.evaluate import brief, host_summary
 from vptune.errors import VptuneError
 from vptune.io import atomic_write_bytes, atomic_write_json
 from vptune.model import TunedModel
@@ -132,7 +132,7 @@ def run_summary(cfg: TrainConfig, model: TunedModel, *, status: str, val: dict |
                      "config": dict(b.config), "sha256": model.backbone.fingerprint()},
         "data": data,
         "seed": cfg.runtime.seed, "device": device, "precision": precision,
-        "config": config_to_dict(cfg), "wall_s": round(wall, 3),
+        "config": config_to_dict(cfg), "wall_s": round(wall, 3), "host": host_summary(device),
     }
 
 

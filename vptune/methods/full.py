@@ -15,7 +15,7 @@ class Full(Method):
     paper_optimizer = "adamw"
     default_lr: ClassVar[dict[str, float]] = {"adamw": 1e-4, "sgd": 1e-3}  # recipe study
     # 3e-4 as well: at 10 epochs it beat 1e-4 on 7 of mini-VTAB's 8 val splits (BENCHMARKS.md,
-    # "Widening the grids that were cut at their top"); default_lr stays the 3-epoch recipe study's
+    # "Widening the grids that were cut at their top"); default_lr stays the (3-epoch) recipe study's
     lr_grid: ClassVar[dict[str, tuple[float, ...]]] = {"adamw": (3e-5, 1e-4, 3e-4), "sgd": (1e-4, 1e-3)}
     lr_groups: ClassVar[dict[str, tuple[str, ...]]] = {"backbone": (r"^backbone\.",)}
 

@@ -339,12 +339,12 @@ def _finite(v: float | None) -> float | None:
     return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else round(float(v), 4)
 
 
-def _selections_and_runs(spec: Any) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+def _selections_and_runs(spec: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Each (task, method)'s chosen setting (its ``selection.json``), and per method and stage the run
-    times and the CPUs the runs ran on (``result.json``'s ``host``)."""
+    times and how many runs ran on each CPU (``result.json``'s ``host``)."""
     from vptune.engine.trainer import read_result
 
-    selection, run_times, hosts = [], {}, {}
+    selection, run_times = [], {}
     for t in spec.tasks:
         for m in spec.methods:
             mdir = Path(spec.output) / t.name / m.label
@@ -362,12 +362,12 @@ def _selections_and_runs(spec: Any) -> tuple[list[dict[str, Any]], dict[str, Any
                     r = read_result(rdir)
                     if r and r.get("wall_s") is not None:
                         key = f"{m.label}/{stage}" + ("/one-pass" if r.get("one_pass") else "")
-                        run_times.setdefault(key, []).append(float(r["wall_s"]))
                         cpu = (r.get("host") or {}).get("cpu", "not recorded")  # runs before 2026-12-04
-                        hosts.setdefault(key, collections.Counter())[cpu] += 1
-    times = {k: {"runs": len(v), "mean_s": round(statistics.fmean(v), 2), "total_s": round(sum(v), 1)}
+                        run_times.setdefault(key, []).append((float(r["wall_s"]), cpu))
+    times = {k: {"runs": len(v), "mean_s": round(statistics.fmean(w for w, _ in v), 2),
+                 "total_s": round(sum(w for w, _ in v), 1), "hosts": dict(collections.Counter(c for _, c in v))}
              for k, v in sorted(run_times.items())}
-    return selection, times, {k: dict(v) for k, v in sorted(hosts.items())}
+    return selection, times
 
 
 def collect_results(spec: Any, args: argparse.Namespace, report: Any, extra: dict[str, Any]) -> dict[str, Any]:
@@ -388,7 +388,7 @@ def collect_results(spec: Any, args: argparse.Namespace, report: Any, extra: dic
                           "trainable_parameters_per_task": _finite(s.trainable_per_task),
                           "stored_bytes_per_task": _finite(s.stored_bytes_per_task),
                           "total_params_x": _finite(s.total_params)}
-    selection, times, hosts = _selections_and_runs(spec)
+    selection, times = _selections_and_runs(spec)
     return {
         "schema": 1, "benchmark": "mini-VTAB (8 tasks) x 9 methods, VTAB-1k protocol",
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
@@ -405,8 +405,7 @@ def collect_results(spec: Any, args: argparse.Namespace, report: Any, extra: dic
             "protocol": "grid on train800, selection on val200 (last epoch; ties -> smaller lr, then smaller wd), "
                         "finals on train800val200 per seed, last-epoch test top-1",
         },
-        "cells": cells, "methods": methods, "selection": selection, "run_times": times,
-        "run_hosts": hosts, **extra,
+        "cells": cells, "methods": methods, "selection": selection, "run_times": times, **extra,
     }
 
 
